@@ -1,0 +1,74 @@
+"""RFC 9457 problem+json for every error, never a stack trace."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, OperationalError
+from starlette.exceptions import HTTPException
+
+from app.api.schemas import ProblemDetail
+from app.errors import Problem
+
+log = logging.getLogger("lakesaga.api")
+MEDIA_TYPE = "application/problem+json"
+
+PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ProblemDetail, "description": text,
+             "content": {MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/ProblemDetail"}}}}
+    for status, text in [
+        (400, "Malformed request"),
+        (404, "Not found"),
+        (409, "Conflict with the resource's state"),
+        (422, "Invalid request body, source or idempotency key reuse"),
+        (503, "The saga database is unavailable; retry later"),
+    ]
+}
+
+
+def problem_response(request: Request, problem: Problem) -> JSONResponse:
+    return JSONResponse(problem.body(request.url.path), status_code=problem.status,
+                        media_type=MEDIA_TYPE)
+
+
+def _validation_detail(exc: RequestValidationError) -> str:
+    parts = []
+    for error in exc.errors()[:5]:
+        where = ".".join(str(p) for p in error.get("loc", ()) if p != "body")
+        parts.append(f"{where}: {error.get('msg')}" if where else str(error.get("msg")))
+    return "; ".join(parts) or "invalid request"
+
+
+def install_problem_handlers(app: FastAPI) -> None:
+    @app.exception_handler(Problem)
+    async def _problem(request: Request, exc: Problem) -> JSONResponse:
+        return problem_response(request, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return problem_response(request, Problem(422, "Invalid request", _validation_detail(exc)))
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        title = {404: "Not found", 405: "Method not allowed"}.get(exc.status_code, "HTTP error")
+        return problem_response(request, Problem(exc.status_code, title, str(exc.detail)))
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(DBAPIError)
+    async def _db_down(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("database unavailable: %s", type(exc).__name__)
+        response = problem_response(request, Problem(
+            503, "Service unavailable", "the saga database is unavailable; retry later"))
+        response.headers["Retry-After"] = "2"
+        return response
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error on %s %s: %s", request.method, request.url.path,
+                  type(exc).__name__, exc_info=exc)
+        return problem_response(request, Problem(
+            500, "Internal error", "an unexpected error occurred; it has been logged"))

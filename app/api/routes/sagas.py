@@ -1,0 +1,64 @@
+"""Saga resources: submit, read, list, event log, cancel."""
+
+from __future__ import annotations
+
+from datetime import date
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response
+
+from app.api.deps import IdempotencyKeyDep, ServiceDep
+from app.api.schemas import EventPage, Saga, SagaCreate, SagaPage
+from app.api.problems import PROBLEM_RESPONSES
+
+router = APIRouter(prefix="/sagas", tags=["sagas"], responses=PROBLEM_RESPONSES)
+
+SagaStatusFilter = Query(pattern="^(pending|running|succeeded|compensating|compensated|failed)$")
+
+
+@router.post("", status_code=202, response_model=Saga)
+def create_saga(body: SagaCreate, service: ServiceDep, key: IdempotencyKeyDep,
+                response: Response) -> dict:
+    """Accept an ingestion: resolve and freeze the source files, then run it as a saga."""
+    saga, created = service.submit(body.model_dump(mode="json"), key)
+    response.headers["Location"] = f"/sagas/{saga['id']}"
+    if not created:
+        response.headers["Idempotent-Replayed"] = "true"
+    return saga
+
+
+@router.get("", response_model=SagaPage)
+def list_sagas(
+    service: ServiceDep,
+    status: Annotated[str | None, SagaStatusFilter] = None,
+    dataset: Annotated[str | None, Query(max_length=63)] = None,
+    partition_date: date | None = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+) -> dict:
+    """List sagas, newest first, with cursor pagination."""
+    return service.list_sagas(status=status, dataset=dataset, partition_date=partition_date,
+                              limit=limit, cursor=cursor)
+
+
+@router.get("/{saga_id}", response_model=Saga)
+def get_saga(saga_id: str, service: ServiceDep) -> dict:
+    """A saga with its steps, metrics, compensations and webhook deliveries."""
+    return service.saga(saga_id)
+
+
+@router.get("/{saga_id}/events", response_model=EventPage)
+def get_saga_events(
+    saga_id: str,
+    service: ServiceDep,
+    after: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 500,
+) -> dict:
+    """The saga's append-only event log (every status change, claim and checkpoint)."""
+    return service.events(saga_id, after, limit)
+
+
+@router.post("/{saga_id}/cancel", status_code=202, response_model=Saga)
+def cancel_saga(saga_id: str, service: ServiceDep) -> dict:
+    """Ask a pending or running saga to stop and compensate; 409 when it is past that."""
+    return service.cancel(saga_id)

@@ -1,0 +1,138 @@
+"""The ``lakesaga`` command: serve, worker, db upgrade, generate, demo, openapi, maintenance."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from app.settings import get_settings
+
+cli = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="Crash-safe lakehouse ingestion sagas (Bronze -> Silver -> Gold).")
+db_cli = typer.Typer(no_args_is_help=True, help="Saga database schema.")
+cli.add_typer(db_cli, name="db")
+console = Console(highlight=False)
+
+
+def _logging() -> None:
+    logging.basicConfig(level=get_settings().log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@cli.command()
+def serve(host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+          port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+          workers: Annotated[bool, typer.Option(help="Run the saga executor in-process.")] = True,
+          ) -> None:
+    """Run the HTTP API (and, by default, the saga executor) in this process."""
+    import uvicorn
+
+    from app.main import create_app
+
+    _logging()
+    uvicorn.run(create_app(run_workers=workers), host=host, port=port,
+                log_level=get_settings().log_level.lower())
+
+
+@cli.command()
+def worker() -> None:
+    """Run the saga executor and webhook dispatcher only (scale out with more processes)."""
+    from app.service import Service
+
+    _logging()
+    service = Service(get_settings())
+    service.start_workers()
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    console.print(f"worker {service.executor.owner if service.executor else ''} running")
+    stop.wait()
+    service.close()
+
+
+@db_cli.command("upgrade")
+def db_upgrade(revision: str = "head") -> None:
+    """Apply Alembic migrations to LAKESAGA_DATABASE_URL."""
+    from app.db.migrate import upgrade
+
+    upgrade(get_settings().database_url, revision)
+    console.print(f"database at {revision}")
+
+
+@cli.command()
+def generate(
+    out: Annotated[Path | None, typer.Option(help="Directory (default: "
+                                             "<source root>/clickstream/2026-01-06).")] = None,
+    records: int = 145_231,
+    files: int = 25,
+    seed: int = 42,
+) -> None:
+    """Write a seed-like raw clickstream dataset (NDJSON), deterministic for a seed."""
+    from app.lakehouse.generator import generate_clickstream
+
+    target = out or get_settings().source_root / "clickstream" / "2026-01-06"
+    data = generate_clickstream(target, records=records, files=files, seed=seed)
+    console.print(f"{data.records:,} records in {len(data.files)} files under {target}: "
+                  f"{data.duplicates:,} duplicates, {data.invalid:,} invalid, "
+                  f"{data.nulls:,} nulls to fill")
+
+
+@cli.command()
+def demo(
+    fail_at: Annotated[str | None, typer.Option(
+        help="Make this step fail (e.g. aggregate_to_gold) to see the compensation flow.")] = None,
+    workdir: Annotated[Path, typer.Option(help="Demo state (recreated each run).")] = Path(
+        "var/demo"),
+    records: int = 145_231,
+    keep: Annotated[bool, typer.Option(help="Keep earlier demo state.")] = False,
+) -> None:
+    """Generate data, run the service in-process, ingest over HTTP, print the report."""
+    from app.demo import run_demo
+
+    logging.basicConfig(level=logging.ERROR)
+    raise typer.Exit(run_demo(workdir.resolve(), fail_at=fail_at, records=records, keep=keep))
+
+
+@cli.command()
+def openapi() -> None:
+    """Print the OpenAPI document (YAML) generated from the app."""
+    from app.main import create_app
+    from app.openapi_doc import render_openapi
+
+    sys.stdout.write(render_openapi(create_app(run_workers=False)))
+
+
+@cli.command()
+def maintenance(
+    older_than: Annotated[str, typer.Option(help="Expire snapshots older than this "
+                                            "(DuckDB interval).")] = "7 days",
+) -> None:
+    """Expire old lake snapshots and delete the data files no snapshot references any more."""
+    from app.lakehouse.duck import LAKE, Lake
+
+    lake = Lake(get_settings())
+    cur = lake.cursor()
+    cur.execute(f"CALL ducklake_expire_snapshots('{LAKE}', older_than => now() - INTERVAL "
+                f"'{_interval(older_than)}')")
+    cur.execute(f"CALL ducklake_cleanup_old_files('{LAKE}', cleanup_all => true)")
+    lake.close()
+    console.print(f"expired snapshots older than {older_than} and cleaned up old files")
+
+
+def _interval(text: str) -> str:
+    import re
+
+    if not re.fullmatch(r"\d{1,6} (second|minute|hour|day|week)s?", text.strip()):
+        raise typer.BadParameter("use e.g. '7 days' or '12 hours'")
+    return text.strip()
+
+
+def main() -> None:
+    cli()

@@ -1,0 +1,114 @@
+"""Bronze: raw rows exactly as received (every value kept as text) plus batch metadata.
+
+Append-only: a saga's rows carry ``_batch_id = saga id``; a re-run replaces only its own batch and
+compensation deletes only its own batch, so other ingestions of the partition are never touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from app.faults import fault_point
+from app.lakehouse.duck import begin_tagged, rollback_quietly, snapshot_of
+from app.lakehouse.pipeline import DatasetSpec, quote
+from app.lakehouse.tables import bronze_table
+from app.saga.errors import PermanentError
+
+READERS = {
+    "json": "read_json(?, format='newline_delimited', columns={columns}, filename='_source_path')",
+    "csv": "read_csv(?, all_varchar=true, union_by_name=true, filename='_source_path')",
+    "parquet": "read_parquet(?, union_by_name=true, filename='_source_path')",
+}
+
+
+class SourceChanged(PermanentError):
+    """A source file differs from the manifest frozen when the saga was accepted."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_manifest(root: Path, manifest: dict[str, Any],
+                    known_hashes: dict[str, str]) -> dict[str, str]:
+    """Check every file against the frozen manifest; return the sha256 of each file.
+
+    Files hashed at accept time are checked against that hash; others against ``known_hashes``
+    (recorded by an earlier attempt of this step), or hashed now for the first time.
+    """
+    hashes: dict[str, str] = {}
+    for entry in manifest["files"]:
+        path = root / entry["path"]
+        if not path.is_file():
+            raise SourceChanged(f"source file {entry['path']} disappeared after the saga was accepted")
+        size = path.stat().st_size
+        if size != entry["size"]:
+            raise SourceChanged(
+                f"source file {entry['path']} changed after the saga was accepted "
+                f"(size {entry['size']} -> {size})"
+            )
+        digest = sha256_file(path)
+        expected = entry.get("sha256") or known_hashes.get(entry["path"])
+        if expected and digest != expected:
+            raise SourceChanged(f"source file {entry['path']} changed after the saga was accepted")
+        hashes[entry["path"]] = digest
+    return hashes
+
+
+def reader_sql(spec: DatasetSpec, fmt: str) -> str:
+    if fmt not in READERS:
+        raise PermanentError(f"unsupported source format {fmt!r}")
+    columns = "{" + ", ".join(f"'{c.name}': 'VARCHAR'" for c in spec.columns) + "}"
+    return READERS[fmt].format(columns=columns)
+
+
+def ingest(cur: duckdb.DuckDBPyConnection, spec: DatasetSpec, *, root: Path, files: list[str],
+           fmt: str, partition_date: str, saga_id: str, tag: str) -> dict[str, Any]:
+    """Write this saga's batch (replacing any earlier attempt of it) in one lake commit."""
+    paths = [str(root / f) for f in files]
+    prefix = str(root).rstrip("/") + "/"
+    cols = ", ".join(f"CAST({quote(c.name)} AS VARCHAR)" for c in spec.columns)
+    target = bronze_table(spec)
+    begin_tagged(cur, tag, f"ingest_to_bronze {spec.name} {partition_date}")
+    try:
+        cur.execute(f"DELETE FROM {target} WHERE _batch_id = ?", [saga_id])
+        cur.execute(
+            f"INSERT INTO {target} SELECT CAST(? AS DATE), {cols}, ?, "
+            f"replace(_source_path, ?, ''), now()::TIMESTAMP FROM {reader_sql(spec, fmt)}",
+            [partition_date, saga_id, prefix, paths],
+        )
+        row = cur.execute(
+            f"SELECT count(*) FROM {target} WHERE _batch_id = ?", [saga_id]
+        ).fetchone()
+        fault_point("ingest_to_bronze.before_commit")
+        cur.execute("COMMIT")
+    except duckdb.Error:
+        rollback_quietly(cur)
+        raise
+    fault_point("ingest_to_bronze.after_commit")
+    records = int(row[0]) if row else 0
+    return {"files": len(files), "records": records, "snapshot_id": snapshot_of(cur, tag),
+            "table": f"bronze.{spec.bronze_table}"}
+
+
+def delete_batch(cur: duckdb.DuckDBPyConnection, spec: DatasetSpec, *, saga_id: str,
+                 tag: str) -> dict[str, Any]:
+    """Compensation: remove this saga's batch, and nothing else. Idempotent."""
+    target = bronze_table(spec)
+    begin_tagged(cur, tag, f"delete_bronze_partition {spec.name}")
+    try:
+        row = cur.execute(f"SELECT count(*) FROM {target} WHERE _batch_id = ?", [saga_id]).fetchone()
+        cur.execute(f"DELETE FROM {target} WHERE _batch_id = ?", [saga_id])
+        cur.execute("COMMIT")
+    except duckdb.Error:
+        rollback_quietly(cur)
+        raise
+    return {"records_removed": int(row[0]) if row else 0}

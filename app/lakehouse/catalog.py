@@ -1,0 +1,61 @@
+"""The data catalog: one entry per (dataset, layer, partition) with rows, the lake snapshot that
+holds them, the saga that wrote them, and lineage back to the raw files.
+
+Registration records the entries it replaces before writing them, so compensation can put the
+previous entries back (or remove ours when there were none).
+"""
+
+from __future__ import annotations
+
+from datetime import date
+from typing import Any
+
+from sqlalchemy import delete, select
+
+from app.db.models import CatalogPartitionRow
+from app.db.session import Database
+from app.saga.step_log import utcnow
+
+_FIELDS = ("table_name", "saga_id", "rows", "snapshot_id", "lineage")
+
+
+def current_entries(db: Database, dataset: str, partition_date: date) -> list[dict[str, Any]]:
+    with db.sessions() as s:
+        rows = s.scalars(
+            select(CatalogPartitionRow)
+            .where(CatalogPartitionRow.dataset == dataset,
+                   CatalogPartitionRow.partition_date == partition_date)
+            .order_by(CatalogPartitionRow.layer)
+        )
+        return [_as_dict(r) for r in rows]
+
+
+def _as_dict(row: CatalogPartitionRow) -> dict[str, Any]:
+    return {
+        "layer": row.layer,
+        **{f: getattr(row, f) for f in _FIELDS},
+        "registered_at": row.registered_at.isoformat() + "Z",
+    }
+
+
+def replace_entries(db: Database, dataset: str, partition_date: date,
+                    entries: list[dict[str, Any]]) -> None:
+    """Make the partition's catalog entries exactly ``entries`` (one transaction, idempotent)."""
+    now = utcnow()
+    with db.transaction() as s:
+        s.execute(
+            delete(CatalogPartitionRow).where(
+                CatalogPartitionRow.dataset == dataset,
+                CatalogPartitionRow.partition_date == partition_date,
+            )
+        )
+        for entry in entries:
+            s.add(
+                CatalogPartitionRow(
+                    dataset=dataset,
+                    partition_date=partition_date,
+                    layer=entry["layer"],
+                    registered_at=now,
+                    **{f: entry[f] for f in _FIELDS},
+                )
+            )

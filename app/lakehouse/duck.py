@@ -1,0 +1,153 @@
+"""DuckDB connection with DuckLake attached, and offline extension loading.
+
+Extensions come from the ``duckdb-extension-*`` PyPI wheels pinned to the duckdb version (no
+network at run time); where a wheel is absent we fall back to DuckDB's own INSTALL/LOAD. One
+connection per worker process keeps the lake attached; each thread works on its own cursor.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import threading
+from pathlib import Path
+
+import duckdb
+from sqlalchemy.engine import make_url
+
+from app.settings import Settings
+
+#: extension name -> PyPI wheel module that carries it
+_EXTENSION_WHEELS = {
+    "ducklake": "duckdb_extension_ducklake",
+    "postgres_scanner": "duckdb_extension_postgres_scanner",
+    "sqlite_scanner": "duckdb_extension_sqlite_scanner",
+}
+LAKE = "lake"
+
+
+def extension_path(name: str) -> Path | None:
+    spec = importlib.util.find_spec(_EXTENSION_WHEELS[name])
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    base = Path(next(iter(spec.submodule_search_locations)))
+    path = base / "extensions" / f"v{duckdb.__version__}" / f"{name}.duckdb_extension"
+    return path if path.exists() else None
+
+
+def load_extension(con: duckdb.DuckDBPyConnection, name: str) -> None:
+    path = extension_path(name)
+    if path is not None:
+        con.execute(f"LOAD '{path}'")
+    else:
+        con.execute(f"INSTALL {name}")
+        con.execute(f"LOAD {name}")
+
+
+def libpq_dsn(sqlalchemy_url: str) -> str:
+    """``postgresql+psycopg://u:p@h:5432/db`` -> ``dbname=db host=h port=5432 user=u password=p``."""
+    url = make_url(sqlalchemy_url)
+    parts = {
+        "dbname": url.database,
+        "host": url.host,
+        "port": url.port,
+        "user": url.username,
+        "password": url.password,
+    }
+    return " ".join(f"{k}={_libpq_quote(str(v))}" for k, v in parts.items() if v)
+
+
+def _libpq_quote(value: str) -> str:
+    if value and all(c.isalnum() or c in "._-/" for c in value):
+        return value
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def catalog_target(settings: Settings) -> tuple[str, str | None]:
+    """The DuckLake ATTACH target and its metadata schema for these settings."""
+    if settings.lake_catalog:
+        is_pg = settings.lake_catalog.startswith("postgres:")
+        return settings.lake_catalog, settings.lake_metadata_schema if is_pg else None
+    if settings.is_postgres:
+        return f"postgres:{libpq_dsn(settings.database_url)}", settings.lake_metadata_schema
+    return f"sqlite:{settings.lake_dir / 'catalog.sqlite'}", None
+
+
+def _sql_string(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+class Lake:
+    """A DuckDB database with the DuckLake catalog attached as ``lake``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.data_path = settings.lake_dir / "data"
+        self.data_path.mkdir(parents=True, exist_ok=True)
+        config: dict[str, str | int] = {
+            "autoinstall_known_extensions": "false",
+            "autoload_known_extensions": "false",
+        }
+        if settings.duckdb_memory_limit:
+            config["memory_limit"] = settings.duckdb_memory_limit
+        if settings.duckdb_threads:
+            config["threads"] = settings.duckdb_threads
+        self.con = duckdb.connect(config=config)  # type: ignore[arg-type]
+        for name in ("ducklake", "sqlite_scanner", "postgres_scanner"):
+            load_extension(self.con, name)
+        target, metadata_schema = catalog_target(settings)
+        options = [f"DATA_PATH {_sql_string(str(self.data_path) + '/')}"]
+        if metadata_schema:
+            options.append(f"METADATA_SCHEMA {_sql_string(metadata_schema)}")
+        self.con.execute(
+            f"ATTACH {_sql_string('ducklake:' + target)} AS {LAKE} ({', '.join(options)})"
+        )
+        self._local = threading.local()
+        self._lock = threading.Lock()
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        """This thread's cursor (DuckDB connections are not shared across threads)."""
+        cur = getattr(self._local, "cursor", None)
+        if cur is None:
+            with self._lock:
+                cur = self.con.cursor()
+            self._local.cursor = cur
+        return cur
+
+    def current_snapshot(self, cur: duckdb.DuckDBPyConnection | None = None) -> int:
+        row = (cur or self.cursor()).execute(f"SELECT id FROM {LAKE}.current_snapshot()").fetchone()
+        assert row is not None
+        return int(row[0])
+
+    def close(self) -> None:
+        self.con.close()
+
+
+def commit_tag(saga_id: str, step: str, epoch: int, attempt: int) -> str:
+    """The ``extra_info`` a step's lake commit carries: lets anyone find the snapshot it made."""
+    return json.dumps(
+        {"saga_id": saga_id, "step": step, "epoch": epoch, "attempt": attempt}, sort_keys=True
+    )
+
+
+def begin_tagged(cur: duckdb.DuckDBPyConnection, tag: str, message: str) -> None:
+    """Open a lake transaction whose commit records who wrote it and why."""
+    cur.execute("BEGIN")
+    cur.execute(
+        f"CALL {LAKE}.set_commit_message('lakesaga', ?, extra_info => ?)", [message, tag]
+    )
+
+
+def snapshot_of(cur: duckdb.DuckDBPyConnection, tag: str) -> int | None:
+    """The snapshot committed with ``tag``, or None if that commit never landed."""
+    row = cur.execute(
+        f"SELECT max(snapshot_id) FROM {LAKE}.snapshots() WHERE commit_extra_info = ?", [tag]
+    ).fetchone()
+    return None if row is None or row[0] is None else int(row[0])
+
+
+def rollback_quietly(cur: duckdb.DuckDBPyConnection) -> None:
+    try:
+        cur.execute("ROLLBACK")
+    except duckdb.Error:
+        pass  # no transaction was open

@@ -1,0 +1,126 @@
+"""Lake table layouts per layer, created once per dataset and partitioned by date."""
+
+from __future__ import annotations
+
+import duckdb
+
+from app.faults import fault_point
+from app.lakehouse.duck import LAKE, begin_tagged, rollback_quietly
+from app.lakehouse.pipeline import DatasetSpec, quote
+
+LAYERS = ("bronze", "silver", "gold")
+
+#: Metadata columns of bronze: the batch (saga) a row arrived with, its file, and when.
+BRONZE_META = [("_batch_id", "VARCHAR"), ("_source_file", "VARCHAR"), ("_ingested_at", "TIMESTAMP")]
+#: Silver keeps the batch and file each row came from, and the saga that built the partition.
+SILVER_META = [("_batch_id", "VARCHAR"), ("_source_file", "VARCHAR"), ("_saga_id", "VARCHAR")]
+GOLD_COLUMNS = [
+    ("aggregation", "VARCHAR"),
+    ("dimension", "VARCHAR"),
+    ("metric", "VARCHAR"),
+    ("value", "DOUBLE"),
+    ("_saga_id", "VARCHAR"),
+]
+
+
+def table(layer: str, name: str) -> str:
+    return f"{LAKE}.{quote(layer)}.{quote(name)}"
+
+
+def bronze_table(spec: DatasetSpec) -> str:
+    return table("bronze", spec.bronze_table)
+
+
+def silver_table(spec: DatasetSpec) -> str:
+    return table("silver", spec.silver_table)
+
+
+def gold_table(spec: DatasetSpec) -> str:
+    return table("gold", spec.gold_table)
+
+
+def layer_table(spec: DatasetSpec, layer: str) -> str:
+    return {"bronze": bronze_table, "silver": silver_table, "gold": gold_table}[layer](spec)
+
+
+def ensure_tables(cur: duckdb.DuckDBPyConnection, spec: DatasetSpec) -> None:
+    """Create the dataset's three tables if missing (idempotent, safe to race)."""
+    layouts = {
+        bronze_table(spec): [(c.name, "VARCHAR") for c in spec.columns] + BRONZE_META,
+        silver_table(spec): [(c.name, c.type) for c in spec.columns] + SILVER_META,
+        gold_table(spec): GOLD_COLUMNS,
+    }
+    for layer in LAYERS:
+        cur.execute(f"CREATE SCHEMA IF NOT EXISTS {LAKE}.{quote(layer)}")
+    for name, columns in layouts.items():
+        exists = cur.execute(
+            "SELECT count(*) FROM duckdb_tables() WHERE database_name = ? "
+            "AND schema_name || '.' || table_name = ?",
+            [LAKE, name.split(".", 1)[1].replace('"', "")],
+        ).fetchone()
+        if exists and exists[0]:
+            continue
+        cols = ", ".join(f"{quote(n)} {t}" for n, t in [("partition_date", "DATE"), *columns])
+        cur.execute("BEGIN")
+        cur.execute(f"CREATE TABLE IF NOT EXISTS {name} ({cols})")
+        cur.execute(f"ALTER TABLE {name} SET PARTITIONED BY (partition_date)")
+        cur.execute("COMMIT")
+
+
+def replace_partition(cur: duckdb.DuckDBPyConnection, target: str, partition_date: str,
+                      select_sql: str, params: list[object], tag: str, message: str) -> int:
+    """Replace one partition of ``target`` with the rows of ``select_sql``, in one lake commit.
+
+    Returns the number of rows written. Idempotent: a re-run computes the same partition.
+    """
+    begin_tagged(cur, tag, message)
+    try:
+        cur.execute(f"DELETE FROM {target} WHERE partition_date = CAST(? AS DATE)",
+                    [partition_date])
+        cur.execute(f"INSERT INTO {target} {select_sql}", params)
+        row = cur.execute(
+            f"SELECT count(*) FROM {target} WHERE partition_date = CAST(? AS DATE)",
+            [partition_date],
+        ).fetchone()
+        fault_point(f"{message.split()[0]}.before_commit")
+        cur.execute("COMMIT")
+    except duckdb.Error:
+        rollback_quietly(cur)
+        raise
+    fault_point(f"{message.split()[0]}.after_commit")
+    return int(row[0]) if row else 0
+
+
+def restore_partition(cur: duckdb.DuckDBPyConnection, target: str, partition_date: str,
+                      before_snapshot: int, tag: str, message: str) -> dict[str, int]:
+    """Put one partition back exactly as it was at ``before_snapshot`` (time travel).
+
+    For a first ingestion that empties the partition; for a re-ingestion it brings back the
+    previous good rows instead of destroying them. Idempotent.
+    """
+    begin_tagged(cur, tag, message)
+    try:
+        removed = cur.execute(
+            f"SELECT count(*) FROM {target} WHERE partition_date = CAST(? AS DATE)",
+            [partition_date],
+        ).fetchone()
+        cur.execute(f"DELETE FROM {target} WHERE partition_date = CAST(? AS DATE)",
+                    [partition_date])
+        cur.execute(
+            f"INSERT INTO {target} SELECT * FROM {target} AT (VERSION => {int(before_snapshot)}) "
+            "WHERE partition_date = CAST(? AS DATE)",
+            [partition_date],
+        )
+        restored = cur.execute(
+            f"SELECT count(*) FROM {target} WHERE partition_date = CAST(? AS DATE)",
+            [partition_date],
+        ).fetchone()
+        cur.execute("COMMIT")
+    except duckdb.Error:
+        rollback_quietly(cur)
+        raise
+    return {
+        "records_removed": int(removed[0]) if removed else 0,
+        "records_restored": int(restored[0]) if restored else 0,
+        "restored_to_snapshot": int(before_snapshot),
+    }

@@ -1,0 +1,148 @@
+"""Outbox delivery: signed webhook POSTs (Standard Webhooks headers), at least once, with
+exponential backoff and jitter, honouring ``Retry-After``, dead-lettered after a limit.
+
+A row is leased by pushing its ``next_attempt_at`` forward before the call, so several
+dispatchers (threads or processes) never deliver the same row at the same time.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import random
+import threading
+import time
+from datetime import timedelta
+
+import httpx
+from sqlalchemy import select, update
+
+from app.db.models import ConsumerRow, OutboxRow
+from app.db.session import Database
+from app.notify.urls import UnsafeUrl, check_webhook_url
+from app.saga.step_log import utcnow
+
+log = logging.getLogger("lakesaga.webhooks")
+MAX_RESPONSE_BYTES = 64 * 1024
+
+
+def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
+    mac = hmac.new(secret.encode(), f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256)
+    return "v1," + base64.b64encode(mac.digest()).decode()
+
+
+class Dispatcher:
+    def __init__(self, db: Database, *, allow_hosts: list[str], timeout_s: float,
+                 max_attempts: int, poll_interval_s: float = 0.5) -> None:
+        self.db = db
+        self.allow_hosts = allow_hosts
+        self.max_attempts = max_attempts
+        self.poll_interval_s = poll_interval_s
+        self.lease_s = timeout_s * 3
+        self.client = httpx.Client(timeout=httpx.Timeout(timeout_s), follow_redirects=False)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="webhooks", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.client.close()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                delivered = self.deliver_due()
+            except Exception as exc:  # database outage: keep polling
+                log.warning("outbox poll failed: %s", type(exc).__name__)
+                delivered = 0
+            if not delivered:
+                self._stop.wait(self.poll_interval_s)
+
+    def deliver_due(self, limit: int = 20) -> int:
+        """Lease and deliver due rows; returns how many were attempted."""
+        now = utcnow()
+        with self.db.transaction() as s:
+            query = (select(OutboxRow.id).where(OutboxRow.status == "pending",
+                                                OutboxRow.next_attempt_at <= now)
+                     .order_by(OutboxRow.next_attempt_at).limit(limit))
+            if self.db.is_postgres:
+                query = query.with_for_update(skip_locked=True)
+            ids = list(s.scalars(query))
+            if ids:
+                s.execute(update(OutboxRow).where(OutboxRow.id.in_(ids))
+                          .values(next_attempt_at=now + timedelta(seconds=self.lease_s)))
+        for row_id in ids:
+            self._deliver(row_id)
+        return len(ids)
+
+    def _deliver(self, row_id: int) -> None:
+        with self.db.sessions() as s:
+            found = s.execute(select(OutboxRow, ConsumerRow)
+                              .join(ConsumerRow, ConsumerRow.id == OutboxRow.consumer_id)
+                              .where(OutboxRow.id == row_id)).first()
+        if found is None:
+            return
+        row, consumer = found
+        status_code: int | None = None
+        retry_after: float | None = None
+        try:
+            check_webhook_url(consumer.url, self.allow_hosts)
+            body = json.dumps(row.payload, sort_keys=True).encode()
+            timestamp = int(time.time())
+            headers = {
+                "content-type": "application/json",
+                "webhook-id": row.idempotency_key,
+                "webhook-timestamp": str(timestamp),
+                "webhook-signature": sign(consumer.secret, row.idempotency_key, timestamp, body),
+                "user-agent": "lakesaga-webhooks",
+            }
+            with self.client.stream("POST", consumer.url, content=body, headers=headers) as resp:
+                status_code = resp.status_code
+                retry_after = _retry_after_s(resp.headers.get("retry-after"))
+                _drain_capped(resp)
+            error = None if 200 <= status_code < 300 else f"HTTP {status_code}"
+        except UnsafeUrl as exc:
+            error = str(exc)
+        except httpx.HTTPError as exc:
+            error = f"{type(exc).__name__}"
+        self._record(row, status_code, error, retry_after)
+
+    def _record(self, row: OutboxRow, status_code: int | None, error: str | None,
+                retry_after: float | None) -> None:
+        now = utcnow()
+        attempts = row.attempts + 1
+        values: dict[str, object] = {"attempts": attempts, "last_status_code": status_code,
+                                     "last_error": error}
+        if error is None:
+            values.update(status="delivered", delivered_at=now)
+        elif attempts >= self.max_attempts:
+            values.update(status="dead")
+            log.warning("webhook %s dead after %d attempts: %s", row.idempotency_key, attempts, error)
+        else:
+            backoff = min(300.0, 0.5 * 2 ** (attempts - 1)) * random.uniform(0.5, 1.0)
+            values["next_attempt_at"] = now + timedelta(seconds=max(backoff, retry_after or 0))
+        with self.db.transaction() as s:
+            s.execute(update(OutboxRow).where(OutboxRow.id == row.id).values(**values))
+
+
+def _retry_after_s(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return min(3600.0, max(0.0, float(value)))
+    except ValueError:
+        return None
+
+
+def _drain_capped(resp: httpx.Response) -> None:
+    read = 0
+    for chunk in resp.iter_bytes():
+        read += len(chunk)
+        if read >= MAX_RESPONSE_BYTES:
+            break

@@ -1,0 +1,326 @@
+"""The service interface the API and CLI share: submitting, reading and listing sagas, datasets,
+partitions and consumers, plus the process's executor and webhook dispatcher."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import secrets
+import uuid
+from datetime import date, datetime
+from typing import Any
+
+from sqlalchemy import and_, delete, or_, select
+from sqlalchemy.exc import IntegrityError
+
+from app.db.migrate import upgrade
+from app.db.models import ConsumerRow, SagaRow, SagaStepRow
+from app.db.session import Database
+from app.errors import Problem
+from app.faults import configure_faults
+from app.lakehouse.catalog import current_entries
+from app.lakehouse.pipeline import DatasetSpec, load_datasets
+from app.lakehouse.sources import SourceError, resolve_manifest
+from app.notify.outbox import deliveries_for_saga
+from app.notify.urls import UnsafeUrl, check_webhook_url
+from app.saga.executor import Executor, ExecutorConfig
+from app.saga.retry import RetryPolicy
+from app.saga.states import SagaStatus
+from app.saga.step_log import NewSaga, StepLog, utcnow
+from app.settings import Settings
+
+log = logging.getLogger("lakesaga.service")
+DEFINITION = "lakehouse_ingestion"
+
+
+def iso(value: datetime | None) -> str | None:
+    return value.isoformat() + "Z" if value else None
+
+
+def fingerprint(body: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+class Service:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        configure_faults(settings.faults)
+        if settings.auto_migrate:
+            upgrade(settings.database_url)
+        self.db = Database(settings.database_url)
+        self.log = StepLog(self.db)
+        self.executor: Executor | None = None
+        self._dispatcher: Any = None
+        self._lake: Any = None
+
+    @property
+    def datasets(self) -> dict[str, DatasetSpec]:
+        return load_datasets(self.settings.datasets_dir)
+
+    def start_workers(self) -> None:
+        """Attach the lake and start the executor and webhook dispatcher in this process."""
+        from app.lakehouse.duck import Lake
+        from app.lakehouse.ingestion import LakehouseIngestionSaga, LakehouseServices
+        from app.lakehouse.tables import ensure_tables
+        from app.notify.webhooks import Dispatcher
+
+        s = self.settings
+        self._lake = Lake(s)
+        for spec in self.datasets.values():
+            ensure_tables(self._lake.cursor(), spec)
+        services = LakehouseServices(s, self.db, self._lake)
+        self.executor = Executor(
+            self.log,
+            {DEFINITION: lambda: LakehouseIngestionSaga(services)},
+            ExecutorConfig(
+                concurrency=s.worker_concurrency,
+                lease_ttl_s=s.lease_ttl_s,
+                poll_interval_s=s.poll_interval_s,
+                max_saga_attempts=s.max_saga_attempts,
+                step_retry=RetryPolicy(s.step_max_attempts, s.step_backoff_s),
+            ),
+        )
+        self.executor.start()
+        self._dispatcher = Dispatcher(self.db, allow_hosts=s.webhook_allow_hosts,
+                                      timeout_s=s.webhook_timeout_s,
+                                      max_attempts=s.webhook_max_attempts,
+                                      poll_interval_s=s.poll_interval_s)
+        self._dispatcher.start()
+
+    @property
+    def lake(self) -> Any:
+        """This process's lake connection (only after ``start_workers``)."""
+        if self._lake is None:
+            raise RuntimeError("the lake is attached by start_workers()")
+        return self._lake
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.stop()
+        if self._dispatcher is not None:
+            self._dispatcher.stop()
+        if self._lake is not None:
+            self._lake.close()
+        self.db.dispose()
+
+    def spec(self, name: str) -> DatasetSpec:
+        spec = self.datasets.get(name)
+        if spec is None:
+            raise Problem(404, "Unknown dataset",
+                          f"dataset {name!r} is not configured; known: {sorted(self.datasets)}")
+        return spec
+
+    def submit(self, body: dict[str, Any], idempotency_key: str | None) -> tuple[dict[str, Any], bool]:
+        """Validate, freeze the source manifest, and persist a pending saga.
+
+        Returns (saga resource, created). Nothing is written unless the request is valid.
+        """
+        spec = self.spec(body["dataset"])
+        partition_date = date.fromisoformat(body["partition_date"])
+        print_fp = fingerprint(body)
+        if idempotency_key is not None:
+            existing = self.log.find_by_idempotency_key(idempotency_key)
+            if existing is not None:
+                return self._replay(existing, print_fp), False
+        source = body["source"]
+        s = self.settings
+        try:
+            manifest = resolve_manifest(
+                s.source_root, source["path"], source["format"], max_files=s.max_source_files,
+                max_bytes=s.max_source_bytes, hash_max_bytes=s.hash_at_accept_max_bytes,
+            )
+        except SourceError as exc:
+            raise Problem(422, "Invalid source", str(exc)) from exc
+        except OSError as exc:
+            raise Problem(422, "Invalid source",
+                          f"source could not be read: {exc.strerror or type(exc).__name__}") from exc
+        from app.lakehouse.ingestion import LakehouseIngestionSaga
+
+        row, created = self.log.create_saga(NewSaga(
+            id=str(uuid.uuid4()), definition=DEFINITION, dataset=spec.name,
+            partition_date=partition_date, request=body, manifest=manifest,
+            request_fingerprint=print_fp, idempotency_key=idempotency_key,
+            steps=LakehouseIngestionSaga.step_names(),
+        ))
+        if not created:
+            return self._replay(row, print_fp), False
+        if self.executor is not None:
+            self.executor.wake()
+        return self.saga(row.id), True
+
+    def _replay(self, existing: SagaRow, print_fp: str) -> dict[str, Any]:
+        if existing.request_fingerprint != print_fp:
+            raise Problem(422, "Idempotency key reused",
+                          "this Idempotency-Key was already used with a different request body")
+        return self.saga(existing.id)
+
+    def saga(self, saga_id: str) -> dict[str, Any]:
+        row = self.log.get(saga_id)
+        if row is None:
+            raise Problem(404, "Saga not found", f"no saga with id {saga_id!r}")
+        return {
+            **_saga_summary(row),
+            "source": row.request.get("source"),
+            "manifest": {"files": len(row.manifest["files"]),
+                         "total_bytes": row.manifest["total_bytes"],
+                         "format": row.manifest["format"]},
+            "steps": [_step_view(step) for step in self.log.steps(saga_id)],
+            "deliveries": deliveries_for_saga(self.db, saga_id),
+        }
+
+    def list_sagas(self, *, status: str | None, dataset: str | None,
+                   partition_date: date | None, limit: int, cursor: str | None,
+                   ) -> dict[str, Any]:
+        query = select(SagaRow)
+        if status:
+            query = query.where(SagaRow.status == status)
+        if dataset:
+            query = query.where(SagaRow.dataset == dataset)
+        if partition_date:
+            query = query.where(SagaRow.partition_date == partition_date)
+        if cursor:
+            created, last_id = _decode_cursor(cursor)
+            query = query.where(or_(SagaRow.created_at < created,
+                                    and_(SagaRow.created_at == created, SagaRow.id < last_id)))
+        query = query.order_by(SagaRow.created_at.desc(), SagaRow.id.desc()).limit(limit + 1)
+        with self.db.sessions() as session:
+            rows = list(session.scalars(query))
+        page, more = rows[:limit], len(rows) > limit
+        next_cursor = _encode_cursor(page[-1]) if more and page else None
+        return {"items": [_saga_summary(r) for r in page], "next_cursor": next_cursor}
+
+    def events(self, saga_id: str, after: int, limit: int) -> dict[str, Any]:
+        self.saga_exists(saga_id)
+        return {"items": [
+            {"seq": e.seq, "kind": e.kind, "step": e.step, "epoch": e.epoch,
+             "payload": e.payload, "at": iso(e.created_at)}
+            for e in self.log.events(saga_id, after, limit)
+        ]}
+
+    def saga_exists(self, saga_id: str) -> None:
+        if self.log.get(saga_id) is None:
+            raise Problem(404, "Saga not found", f"no saga with id {saga_id!r}")
+
+    def cancel(self, saga_id: str) -> dict[str, Any]:
+        row = self.log.get(saga_id)
+        if row is None:
+            raise Problem(404, "Saga not found", f"no saga with id {saga_id!r}")
+        if row.status not in (SagaStatus.PENDING, SagaStatus.RUNNING):
+            raise Problem(409, "Saga not cancellable", f"saga is {row.status}")
+        self.log.request_cancel(saga_id)
+        if self.executor is not None:
+            self.executor.wake()
+        return self.saga(saga_id)
+
+    def dataset_list(self) -> list[dict[str, Any]]:
+        return [spec.summary() for spec in self.datasets.values()]
+
+    def partition(self, name: str, partition_date: date) -> dict[str, Any]:
+        spec = self.spec(name)
+        entries = current_entries(self.db, spec.name, partition_date)
+        if not entries:
+            raise Problem(404, "Partition not found",
+                          f"no catalog entry for {spec.name} partition {partition_date}")
+        return {"dataset": spec.name, "partition_date": partition_date.isoformat(),
+                "layers": {e["layer"]: {k: v for k, v in e.items() if k != "layer"}
+                           for e in entries}}
+
+    def add_consumer(self, body: dict[str, Any]) -> dict[str, Any]:
+        spec = self.spec(body["dataset"])
+        try:
+            check_webhook_url(body["url"], self.settings.webhook_allow_hosts)
+        except UnsafeUrl as exc:
+            raise Problem(422, "Unsafe webhook URL", str(exc)) from exc
+        secret = body.get("secret") or secrets.token_urlsafe(32)
+        row = ConsumerRow(id=str(uuid.uuid4()), name=body["name"], dataset=spec.name,
+                          url=body["url"], secret=secret, created_at=utcnow())
+        try:
+            with self.db.transaction() as s:
+                s.add(row)
+        except IntegrityError as exc:
+            raise Problem(409, "Consumer exists",
+                          f"dataset {spec.name} already has a consumer named {body['name']!r}",
+                          ) from exc
+        return {**_consumer_view(row), "secret": secret}
+
+    def consumers(self, dataset: str | None) -> list[dict[str, Any]]:
+        query = select(ConsumerRow).order_by(ConsumerRow.dataset, ConsumerRow.name)
+        if dataset:
+            query = query.where(ConsumerRow.dataset == dataset)
+        with self.db.sessions() as s:
+            return [_consumer_view(r) for r in s.scalars(query)]
+
+    def remove_consumer(self, consumer_id: str) -> None:
+        with self.db.transaction() as s:
+            result = s.execute(delete(ConsumerRow).where(ConsumerRow.id == consumer_id))
+        if result.rowcount == 0:
+            raise Problem(404, "Consumer not found", f"no consumer with id {consumer_id!r}")
+
+    def ready(self) -> None:
+        from sqlalchemy import text
+
+        with self.db.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+
+
+def _consumer_view(row: ConsumerRow) -> dict[str, Any]:
+    return {"id": row.id, "name": row.name, "dataset": row.dataset, "url": row.url,
+            "created_at": iso(row.created_at)}
+
+
+def _saga_summary(row: SagaRow) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "definition": row.definition,
+        "dataset": row.dataset,
+        "partition_date": row.partition_date.isoformat(),
+        "status": row.status,
+        "error": row.error,
+        "attempts": row.attempts,
+        "epoch": row.epoch,
+        "cancel_requested": row.cancel_requested,
+        "created_at": iso(row.created_at),
+        "updated_at": iso(row.updated_at),
+        "finished_at": iso(row.finished_at),
+    }
+
+
+def _step_view(step: SagaStepRow) -> dict[str, Any]:
+    compensation = None
+    if step.compensation_attempt:
+        compensation = {
+            "status": "compensated" if step.status == "compensated" else "compensating",
+            "attempt": step.compensation_attempt,
+            "started_at": iso(step.compensation_started_at),
+            "finished_at": iso(step.compensation_finished_at),
+            "metrics": step.compensation_output or {},
+            "error": step.compensation_error,
+        }
+    return {
+        "name": step.step,
+        "status": step.status,
+        "attempt": step.attempt,
+        "started_at": iso(step.started_at),
+        "finished_at": iso(step.finished_at),
+        "duration_s": (round((step.finished_at - step.started_at).total_seconds(), 3)
+                       if step.started_at and step.finished_at else None),
+        "metrics": step.output or {},
+        "error": step.error,
+        "compensation": compensation,
+    }
+
+
+def _encode_cursor(row: SagaRow) -> str:
+    raw = f"{row.created_at.isoformat()}|{row.id}"
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        created, saga_id = raw.split("|", 1)
+        return datetime.fromisoformat(created), saga_id
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise Problem(400, "Invalid cursor", "cursor is not one this API returned") from exc

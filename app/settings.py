@@ -1,0 +1,88 @@
+"""Service settings: the only place environment variables are read (prefix ``LAKESAGA_``).
+
+Every field is documented in README.md; paths are resolved once, here, so that the rest of the
+code never sees a relative path whose meaning depends on the current directory.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LAKESAGA_", extra="ignore")
+
+    #: SQLAlchemy URL of the saga log (and catalog, outbox). SQLite is the embedded default.
+    database_url: str = "sqlite:///./var/lakesaga.db"
+    #: Directory request paths are relative to; nothing outside it can be ingested.
+    source_root: Path = Path("./var/raw")
+    #: DuckLake data files (and, in embedded mode, the DuckLake SQLite catalog).
+    lake_dir: Path = Path("./var/lake")
+    #: Optional DuckLake catalog override, e.g. ``postgres:dbname=lake host=...``.
+    #: Default: SQLite file under lake_dir, or the saga database when it is PostgreSQL.
+    lake_catalog: str | None = None
+    #: PostgreSQL schema holding the DuckLake metadata tables when the catalog is PostgreSQL.
+    lake_metadata_schema: str = Field(default="ducklake", pattern=r"^[a-z][a-z0-9_]{0,62}$")
+    #: Extra dataset spec files (``*.yaml``) beside the built-in ``clickstream``.
+    datasets_dir: Path | None = None
+    #: Fault points for demos and tests: ``step=raise|kill|sleep:MS[@N],...``.
+    faults: str = ""
+
+    #: Sagas executed concurrently by one process.
+    worker_concurrency: int = Field(default=2, ge=1, le=64)
+    #: A claim is owned for this long without a heartbeat; then another worker may take over.
+    lease_ttl_s: float = Field(default=30.0, gt=0.5)
+    #: How often an idle worker looks for work.
+    poll_interval_s: float = Field(default=0.5, gt=0)
+    #: Claims of one saga before it is treated as poison and compensated.
+    max_saga_attempts: int = Field(default=5, ge=1)
+    #: Tries of one step (or one compensation) on transient errors.
+    step_max_attempts: int = Field(default=4, ge=1)
+    #: First backoff between step retries; doubles each time, with jitter.
+    step_backoff_s: float = Field(default=0.2, ge=0)
+
+    #: Largest number of files and bytes one saga may ingest.
+    max_source_files: int = Field(default=10_000, ge=1)
+    max_source_bytes: int = Field(default=50 * 1024**3, ge=1)
+    #: Files up to this total size are hashed when the saga is accepted; larger sources are
+    #: hashed by bronze on first read and verified on any re-read.
+    hash_at_accept_max_bytes: int = Field(default=256 * 1024**2, ge=0)
+
+    #: DuckDB resource limits per worker process (e.g. ``4GB``; empty = DuckDB default).
+    duckdb_memory_limit: str = ""
+    duckdb_threads: int = Field(default=0, ge=0)
+
+    #: Webhook delivery: hosts allowed even though they resolve to private/loopback addresses.
+    webhook_allow_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    webhook_timeout_s: float = Field(default=5.0, gt=0)
+    webhook_max_attempts: int = Field(default=8, ge=1)
+
+    #: Run ``alembic upgrade head`` when the service starts.
+    auto_migrate: bool = True
+    log_level: str = "INFO"
+
+    @field_validator("source_root", "lake_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @field_validator("webhook_allow_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [h.strip().lower() for h in value.split(",") if h.strip()]
+        return value
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.database_url.startswith("postgresql")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

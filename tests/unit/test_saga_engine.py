@@ -1,0 +1,733 @@
+"""Engine scenarios on a real saga log (SQLite and PostgreSQL) with a fake four-step saga.
+
+``Pipeline`` runs a -> b -> c (pivot) -> d; each step and compensation appends to a journal and
+consumes the failures a test scripted for it, so every scenario is driven in the test thread by
+``Executor.run_once`` / ``drain``. Crashes are simulated by a ``BaseException`` the executor does
+not catch, and lease expiry by moving ``lease_expires_at`` into the past.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import update
+
+from app.db.models import SagaRow
+from app.db.session import Database
+from app.saga.definition import Saga, StepContext, action, compensate
+from app.saga.errors import InvalidTransition, LostOwnership, PermanentError, TransientError
+from app.saga.executor import Executor, ExecutorConfig
+from app.saga.retry import RetryPolicy
+from app.saga.states import ALLOWED_SAGA_TRANSITIONS, SagaStatus, StepStatus
+from app.saga.step_log import NewSaga, StepLog, utcnow
+
+pytestmark = pytest.mark.timeout(60)
+
+PARTITION = date(2026, 1, 6)
+CONFIG = ExecutorConfig(
+    step_retry=RetryPolicy(max_attempts=3, base_delay_s=0.001, max_delay_s=0.005),
+    lease_ttl_s=30.0,
+    max_saga_attempts=3,
+    after_pivot_retry_s=60.0,
+)
+
+
+class Crash(BaseException):
+    """Stands for a process dying mid-step: the executor catches only ``Exception``."""
+
+
+@dataclass
+class Script:
+    """Scripted behaviour shared by the saga instances of one test."""
+
+    #: ("do" | "undo", step) in call order.
+    journal: list[tuple[str, str]] = field(default_factory=list)
+    #: Per step: what its next calls raise, one item per call (then it succeeds).
+    failures: dict[str, list[BaseException]] = field(default_factory=dict)
+    undo_failures: dict[str, list[BaseException]] = field(default_factory=dict)
+    #: Per step: called with the context before the step returns (e.g. to race a claim).
+    hooks: dict[str, Callable[[StepContext], None]] = field(default_factory=dict)
+
+    def play(self, kind: str, ctx: StepContext) -> None:
+        self.journal.append((kind, ctx.step))
+        queue = (self.failures if kind == "do" else self.undo_failures).get(ctx.step)
+        if queue:
+            raise queue.pop(0)
+        hook = self.hooks.get(ctx.step) if kind == "do" else None
+        if hook is not None:
+            hook(ctx)
+
+    def done(self, kind: str = "do") -> list[str]:
+        return [step for k, step in self.journal if k == kind]
+
+
+class Pipeline(Saga):
+    name = "unit_pipeline"
+    pivot = "c"
+
+    def __init__(self, script: Script) -> None:
+        self.script = script
+
+    @action("a")
+    def do_a(self, ctx: StepContext) -> dict[str, Any]:
+        self.script.play("do", ctx)
+        return {"key": f"token-{uuid.uuid4().hex}", "rows": 1}
+
+    @compensate("a")
+    def undo_a(self, ctx: StepContext) -> dict[str, Any]:
+        self.script.play("undo", ctx)
+        return {"undid": ctx.output}
+
+    @action("b", depends_on=["a"])
+    async def do_b(self, ctx: StepContext) -> dict[str, Any]:
+        self.script.play("do", ctx)
+        return {"seen_key": ctx["key"], "rows": 2}
+
+    @compensate("b")
+    async def undo_b(self, ctx: StepContext) -> None:
+        self.script.play("undo", ctx)
+
+    @action("c", depends_on=["b"])
+    def do_c(self, ctx: StepContext) -> dict[str, Any]:
+        self.script.play("do", ctx)
+        return {"snapshot": 7}
+
+    @compensate("c")
+    def undo_c(self, ctx: StepContext) -> None:
+        self.script.play("undo", ctx)
+
+    @action("d", depends_on=["c"])
+    def do_d(self, ctx: StepContext) -> dict[str, Any]:
+        self.script.play("do", ctx)
+        return {"notified": True}
+
+    @compensate("d")
+    def undo_d(self, ctx: StepContext) -> None:
+        self.script.play("undo", ctx)
+
+
+@pytest.fixture
+def script() -> Script:
+    return Script()
+
+
+def make_executor(step_log: StepLog, script: Script, config: ExecutorConfig = CONFIG,
+                  name: str = "worker-1") -> Executor:
+    return Executor(step_log, {Pipeline.name: lambda: Pipeline(script)}, config, worker_name=name)
+
+
+def create(step_log: StepLog, *, dataset: str = "clicks", partition: date = PARTITION,
+           request: dict[str, Any] | None = None) -> str:
+    saga_id = str(uuid.uuid4())
+    step_log.create_saga(
+        NewSaga(
+            id=saga_id,
+            definition=Pipeline.name,
+            dataset=dataset,
+            partition_date=partition,
+            request=request if request is not None else {"source": "s3://raw", "key": "req"},
+            manifest={"files": [{"path": "events-0.ndjson", "size": 10, "sha256": "0" * 64}]},
+            request_fingerprint="f" * 64,
+            idempotency_key=None,
+            steps=Pipeline.step_names(),
+        )
+    )
+    return saga_id
+
+
+def set_saga(db: Database, saga_id: str, **values: Any) -> None:
+    with db.transaction() as s:
+        s.execute(update(SagaRow).where(SagaRow.id == saga_id).values(**values))
+
+
+def expire_lease(db: Database, saga_id: str) -> None:
+    set_saga(db, saga_id, lease_expires_at=utcnow() - timedelta(minutes=5))
+
+
+def saga(step_log: StepLog, saga_id: str) -> SagaRow:
+    row = step_log.get(saga_id)
+    assert row is not None
+    return row
+
+
+def step_statuses(step_log: StepLog, saga_id: str) -> dict[str, str]:
+    return {row.step: row.status for row in step_log.steps(saga_id)}
+
+
+def assert_valid_log(step_log: StepLog, saga_id: str) -> None:
+    """Events are numbered 1..n, epochs never go back, and status changes chain legally."""
+    events = step_log.events(saga_id)
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    epochs = [e.epoch for e in events]
+    assert epochs == sorted(epochs)
+    assert events[0].kind == "created"
+    status = SagaStatus.PENDING
+    for event in events:
+        if "from" in event.payload and event.step is None:
+            assert event.payload["from"] == status, (event.seq, event.kind, event.payload)
+            target = SagaStatus(event.payload["to"])
+            assert target in ALLOWED_SAGA_TRANSITIONS[status], (event.seq, event.payload)
+            status = target
+    assert saga(step_log, saga_id).status == status
+
+
+def test_definition__order_respects_depends_on() -> None:
+    class Backwards(Saga):
+        @action("load", depends_on=["fetch", "clean"])
+        def load(self, ctx: StepContext) -> None: ...
+
+        @action("clean", depends_on=["fetch"])
+        def clean(self, ctx: StepContext) -> None: ...
+
+        @action("fetch")
+        def fetch(self, ctx: StepContext) -> None: ...
+
+        @action("report")
+        def report(self, ctx: StepContext) -> None: ...
+
+    assert Backwards.step_names() == ["fetch", "clean", "load", "report"]
+    assert Backwards.name == "Backwards"
+    assert Pipeline.step_names() == ["a", "b", "c", "d"]
+    assert Pipeline.pivot_index() == 2
+
+
+def test_definition__subclass_overrides_one_step_by_action_name() -> None:
+    class Patched(Pipeline):
+        name = "patched"
+
+        @action("b", depends_on=["a"])
+        def other_b(self, ctx: StepContext) -> dict[str, Any]:
+            return {"patched": True}
+
+    assert Patched.step_names() == Pipeline.step_names()
+    by_name = {s.name: s for s in Patched.steps}
+    parent = {s.name: s for s in Pipeline.steps}
+    assert by_name["b"].method == "other_b"
+    assert by_name["b"].compensation == "undo_b"
+    assert {n: s for n, s in by_name.items() if n != "b"} == {
+        n: s for n, s in parent.items() if n != "b"
+    }
+    assert Patched.pivot == "c"
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [("unknown_dependency", "depends on unknown"), ("cycle", "cycle"),
+     ("unknown_compensation", "compensation for unknown"), ("unknown_pivot", "pivot")],
+)
+def test_definition__invalid_raises_type_error(case: str, message: str) -> None:
+    with pytest.raises(TypeError, match=message):
+        if case == "unknown_dependency":
+            class _Missing(Saga):
+                @action("x", depends_on=["nope"])
+                def x(self, ctx: StepContext) -> None: ...
+        elif case == "cycle":
+            class _Cycle(Saga):
+                @action("x", depends_on=["y"])
+                def x(self, ctx: StepContext) -> None: ...
+
+                @action("y", depends_on=["x"])
+                def y(self, ctx: StepContext) -> None: ...
+        elif case == "unknown_compensation":
+            class _Orphan(Saga):
+                @action("x")
+                def x(self, ctx: StepContext) -> None: ...
+
+                @compensate("z")
+                def undo_z(self, ctx: StepContext) -> None: ...
+        else:
+            class _Pivot(Saga):
+                pivot = "z"
+
+                @action("x")
+                def x(self, ctx: StepContext) -> None: ...
+
+
+def _bare_context(step: str, outputs: dict[str, dict[str, Any]]) -> StepContext:
+    return StepContext(
+        saga_id="s", definition=Pipeline.name, dataset="clicks", partition_date=PARTITION,
+        epoch=1, step=step, attempt=1, request={"key": "req", "only_in_request": 1},
+        manifest={}, outputs=outputs,
+    )
+
+
+def test_definition__async_step_methods_are_awaited(script: Script) -> None:
+    spec = {s.name: s for s in Pipeline.steps}["b"]
+    ctx = _bare_context("b", {"a": {"key": "from-a"}})
+    assert Pipeline(script).run_action(spec, ctx) == {"seen_key": "from-a", "rows": 2}
+    assert Pipeline(script).run_compensation(spec, ctx) == {}
+    assert script.journal == [("do", "b"), ("undo", "b")]
+
+
+def test_definition__context_lookup_prefers_latest_output_then_request() -> None:
+    ctx = _bare_context("c", {"a": {"key": "a", "x": 1}, "b": {"key": "b"}})
+    assert ctx["key"] == "b"
+    assert ctx["x"] == 1
+    assert ctx["only_in_request"] == 1
+    with pytest.raises(KeyError):
+        ctx["missing"]
+
+
+def test_definition__non_dict_result_is_a_type_error() -> None:
+    class Odd(Saga):
+        @action("x")
+        def x(self, ctx: StepContext) -> Any:
+            return [1]
+
+    with pytest.raises(TypeError, match="expected a dict"):
+        Odd().run_action(Odd.steps[0], _bare_context("x", {}))
+
+
+def test_happy_path__succeeds_with_outputs_and_a_valid_log(
+    step_log: StepLog, script: Script
+) -> None:
+    saga_id = create(step_log)
+    make_executor(step_log, script).drain()
+
+    row = saga(step_log, saga_id)
+    assert row.status == SagaStatus.SUCCEEDED
+    assert row.epoch == 1 and row.attempts == 1
+    assert row.lease_owner is None and row.finished_at is not None
+    steps = {s.step: s for s in step_log.steps(saga_id)}
+    assert {n: s.status for n, s in steps.items()} == dict.fromkeys("abcd", "succeeded")
+    assert all(s.attempt == 1 and s.finished_at is not None for s in steps.values())
+    assert steps["a"].output is not None and steps["a"].output["key"].startswith("token-")
+    assert steps["b"].output == {"seen_key": steps["a"].output["key"], "rows": 2}
+    assert steps["c"].output == {"snapshot": 7}
+    assert steps["d"].output == {"notified": True}
+    assert script.journal == [("do", s) for s in "abcd"]
+    assert_valid_log(step_log, saga_id)
+    kinds = [e.kind for e in step_log.events(saga_id)]
+    assert kinds.count("step_succeeded") == 4 and kinds[-1] == "status"
+
+
+def test_permanent_failure__compensates_failed_step_and_earlier_in_reverse(
+    step_log: StepLog, script: Script
+) -> None:
+    script.failures["b"] = [PermanentError("bad rows in events-0")]
+    saga_id = create(step_log)
+    make_executor(step_log, script).drain()
+
+    row = saga(step_log, saga_id)
+    assert row.status == SagaStatus.COMPENSATED
+    assert row.error is not None and row.error.startswith("b failed: PermanentError")
+    assert "bad rows" in row.error
+    assert script.journal == [("do", "a"), ("do", "b"), ("undo", "b"), ("undo", "a")]
+    assert step_statuses(step_log, saga_id) == {
+        "a": "compensated", "b": "compensated", "c": "skipped", "d": "pending",
+    }
+    steps = {s.step: s for s in step_log.steps(saga_id)}
+    assert steps["b"].attempt == 1 and "PermanentError" in (steps["b"].error or "")
+    assert steps["a"].compensation_output == {"undid": steps["a"].output}
+    assert_valid_log(step_log, saga_id)
+
+
+def test_transient_failure__retried_then_succeeds_with_attempts_recorded(
+    step_log: StepLog, script: Script
+) -> None:
+    script.failures["b"] = [TransientError("conflict"), TransientError("conflict")]
+    saga_id = create(step_log)
+    make_executor(step_log, script).drain()
+
+    assert saga(step_log, saga_id).status == SagaStatus.SUCCEEDED
+    steps = {s.step: s for s in step_log.steps(saga_id)}
+    assert steps["b"].attempt == 3 and steps["b"].error is None
+    assert steps["a"].attempt == 1
+    assert script.done() == ["a", "b", "b", "b", "c", "d"]
+    assert [e.payload["attempt"] for e in step_log.events(saga_id)
+            if e.kind == "step_started" and e.step == "b"] == [1, 2, 3]
+    assert_valid_log(step_log, saga_id)
+
+
+def test_transient_failure__exhausting_retries_compensates(
+    step_log: StepLog, script: Script
+) -> None:
+    script.failures["a"] = [TransientError("down")] * 3
+    saga_id = create(step_log)
+    make_executor(step_log, script).drain()
+
+    row = saga(step_log, saga_id)
+    assert row.status == SagaStatus.COMPENSATED
+    assert row.error is not None and "a failed: TransientError" in row.error
+    assert script.journal == [("do", "a")] * 3 + [("undo", "a")]
+    assert step_statuses(step_log, saga_id)["b"] == "skipped"
+
+
+def test_check_before_run__succeeded_step_is_not_rerun_and_output_reused(
+    db: Database, step_log: StepLog, script: Script
+) -> None:
+    script.failures["b"] = [Crash()]
+    saga_id = create(step_log)
+    with pytest.raises(Crash):
+        make_executor(step_log, script).run_once()
+    assert step_statuses(step_log, saga_id) == {
+        "a": "succeeded", "b": "running", "c": "pending", "d": "pending",
+    }
+    first_key = step_log.steps(saga_id)[0].output["key"]  # type: ignore[index]
+
+    assert make_executor(step_log, script, name="worker-2").run_once() is False  # lease held
+    expire_lease(db, saga_id)
+    make_executor(step_log, script, name="worker-2").drain()
+
+    assert saga(step_log, saga_id).status == SagaStatus.SUCCEEDED
+    assert script.done() == ["a", "b", "b", "c", "d"]
+    steps = {s.step: s for s in step_log.steps(saga_id)}
+    assert steps["a"].output["key"] == first_key  # type: ignore[index]
+    assert steps["b"].output == {"seen_key": first_key, "rows": 2}
+    assert steps["a"].attempt == 1 and steps["b"].attempt == 2
+    assert_valid_log(step_log, saga_id)
+
+
+def test_crash_recovery__expired_claim_is_reclaimed_and_running_step_rerun(
+    db: Database, step_log: StepLog, script: Script
+) -> None:
+    saga_id = create(step_log)
+    dead = step_log.claim_next("dead-worker", lease_ttl_s=30)
+    assert dead is not None and dead.saga_id == saga_id and dead.epoch == 1
+    step_log.update_step(saga_id, dead.epoch, "a", StepStatus.RUNNING, kind="step_started",
+                         values={"attempt": 1, "started_at": utcnow()}, payload={"attempt": 1})
+    expire_lease(db, saga_id)
+
+    make_executor(step_log, script, name="rescuer").drain()
+
+    row = saga(step_log, saga_id)
+    assert row.status == SagaStatus.SUCCEEDED
+    assert (row.epoch, row.attempts) == (2, 2)
+    assert script.done() == ["a", "b", "c", "d"]
+    assert step_log.steps(saga_id)[0].attempt == 2
+    claims = [e for e in step_log.events(saga_id) if e.kind == "claimed"]
+    assert [(e.epoch, e.payload["owner"]) for e in claims] == [(1, "dead-worker"), (2, "rescuer")]
+    assert_valid_log(step_log, saga_id)
+
+
+def test_crash_recovery__live_lease_is_not_reclaimed(step_log: StepLog, script: Script) -> None:
+    saga_id = create(step_log)
+    assert step_log.claim_next("holder", lease_ttl_s=30) is not None
+    assert step_log.claim_next("other", lease_ttl_s=30) is None
+    assert saga(step_log, saga_id).epoch == 1
+
+
+def test_fencing__writes_with_a_superseded_epoch_raise_lost_ownership(
+    db: Database, step_log: StepLog
+) -> None:
+    saga_id = create(step_log)
+    old = step_log.claim_next("old", lease_ttl_s=30)
+    assert old is not None
+    expire_lease(db, saga_id)
+    new = step_log.claim_next("new", lease_ttl_s=30)
+    assert new is not None and new.epoch == old.epoch + 1
+
+    with pytest.raises(LostOwnership):
+        step_log.update_step(saga_id, old.epoch, "a", StepStatus.RUNNING, kind="step_started",
+                             values={"attempt": 1})
+    with pytest.raises(LostOwnership):
+        step_log.transition_saga(saga_id, old.epoch, SagaStatus.COMPENSATING, error="stale")
+    with pytest.raises(LostOwnership):
+        step_log.save_checkpoint(saga_id, old.epoch, "a", {"snapshot": 1})
+    with pytest.raises(LostOwnership):
+        step_log.ensure_owner(saga_id, old.epoch)
+    with pytest.raises(LostOwnership):
+        step_log.skip_pending_steps(saga_id, old.epoch, ["d"])
+
+    assert step_statuses(step_log, saga_id) == dict.fromkeys("abcd", "pending")
+    assert saga(step_log, saga_id).status == SagaStatus.RUNNING
+    step_log.save_checkpoint(saga_id, new.epoch, "a", {"snapshot": 2})
+    step_log.transition_saga(saga_id, new.epoch, SagaStatus.COMPENSATING, error="fresh")
+    assert step_log.steps(saga_id)[0].checkpoint == {"snapshot": 2}
+    assert saga(step_log, saga_id).error == "fresh"
+    assert_valid_log(step_log, saga_id)
+
+
+def test_fencing__stale_worker_does_not_record_its_step(
+    db: Database, step_log: StepLog, script: Script
+) -> None:
+    saga_id = create(step_log)
+    stolen: list[int] = []
+
+    def lose_lease(ctx: StepContext) -> None:
+        expire_lease(db, ctx.saga_id)
+        claim = step_log.claim_next("thief", lease_ttl_s=30)
+        assert claim is not None
+        stolen.append(claim.epoch)
+
+    script.hooks["b"] = lose_lease
+    assert make_executor(step_log, script).run_once() is True
+
+    assert stolen == [2]
+    assert step_statuses(step_log, saga_id) == {
+        "a": "succeeded", "b": "running", "c": "pending", "d": "pending",
+    }
+    assert script.done() == ["a", "b"]
+    assert all(e.epoch == 2 for e in step_log.events(saga_id) if e.seq > 1 and e.epoch > 1)
+    assert not [e for e in step_log.events(saga_id) if e.kind == "step_succeeded" and e.step == "b"]
+
+
+def test_invalid_transition__is_refused(step_log: StepLog) -> None:
+    saga_id = create(step_log)
+    claim = step_log.claim_next("w", lease_ttl_s=30)
+    assert claim is not None
+    with pytest.raises(InvalidTransition):
+        step_log.transition_saga(saga_id, claim.epoch, SagaStatus.COMPENSATED)
+    with pytest.raises(InvalidTransition):
+        step_log.update_step(saga_id, claim.epoch, "a", StepStatus.COMPENSATED,
+                             kind="compensation_succeeded", values={})
+    assert saga(step_log, saga_id).status == SagaStatus.RUNNING
+
+
+def test_compensation__failing_twice_then_succeeding_compensates(
+    step_log: StepLog, script: Script
+) -> None:
+    script.failures["b"] = [PermanentError("no")]
+    script.undo_failures["a"] = [RuntimeError("s3 flake"), RuntimeError("s3 flake")]
+    saga_id = create(step_log)
+    make_executor(step_log, script).drain()
+
+    assert saga(step_log, saga_id).status == SagaStatus.COMPENSATED
+    steps = {s.step: s for s in step_log.steps(saga_id)}
+    assert steps["a"].status == "compensated" and steps["a"].compensation_attempt == 3
+    assert steps["a"].compensation_error is None
+    assert steps["b"].compensation_attempt == 1
+    assert script.done("undo") == ["b", "a", "a", "a"]
+    kinds = [e.kind for e in step_log.events(saga_id) if e.step == "a"]
+    assert kinds.count("compensation_failed") == 2
+    assert_valid_log(step_log, saga_id)
+
+
+def test_compensation__always_failing_leaves_saga_failed_then_operator_retry_compensates(
+    step_log: StepLog, script: Script
+) -> None:
+    script.failures["b"] = [PermanentError("no")]
+    script.undo_failures["b"] = [RuntimeError("stuck")] * 3
+    saga_id = create(step_log)
+    make_executor(step_log, script).drain()
+
+    row = saga(step_log, saga_id)
+    assert row.status == SagaStatus.FAILED
+    assert row.error is not None
+    assert row.error.startswith("compensation of b failed: RuntimeError: stuck")
+    assert row.error.endswith("not rolled back: a, b")
+    assert row.lease_owner is None
+    assert step_statuses(step_log, saga_id)["a"] == "succeeded"
+    assert script.done("undo") == ["b", "b", "b"]
+    assert make_executor(step_log, script).run_once() is False  # failed waits for an operator
+
+    assert SagaStatus.COMPENSATING in ALLOWED_SAGA_TRANSITIONS[SagaStatus.FAILED]
+    step_log.transition_saga(saga_id, row.epoch, SagaStatus.COMPENSATING, error="operator retry")
+    make_executor(step_log, script).drain()
+
+    assert saga(step_log, saga_id).status == SagaStatus.COMPENSATED
+    assert script.done("undo") == ["b", "b", "b", "b", "a"]
+    assert "b" not in script.done()[2:]  # the forward path never resumes
+    assert_valid_log(step_log, saga_id)
+
+
+def test_compensation__crash_mid_compensation_resumes_compensation(
+    db: Database, step_log: StepLog, script: Script
+) -> None:
+    script.failures["c"] = [PermanentError("no")]
+    script.undo_failures["b"] = [Crash()]
+    saga_id = create(step_log)
+    with pytest.raises(Crash):
+        make_executor(step_log, script).run_once()
+    assert saga(step_log, saga_id).status == SagaStatus.COMPENSATING
+    assert step_statuses(step_log, saga_id)["c"] == "compensated"
+
+    expire_lease(db, saga_id)
+    make_executor(step_log, script, name="worker-2").drain()
+
+    assert saga(step_log, saga_id).status == SagaStatus.COMPENSATED
+    assert script.done() == ["a", "b", "c"]
+    assert script.done("undo") == ["c", "b", "b", "a"]
+    assert step_statuses(step_log, saga_id) == {
+        "a": "compensated", "b": "compensated", "c": "compensated", "d": "pending",
+    }
+    assert_valid_log(step_log, saga_id)
+
+
+def test_poison__too_many_claims_compensates_instead_of_running(
+    db: Database, step_log: StepLog, script: Script
+) -> None:
+    saga_id = create(step_log)
+    set_saga(db, saga_id, attempts=CONFIG.max_saga_attempts)
+    make_executor(step_log, script).drain()
+
+    row = saga(step_log, saga_id)
+    assert row.status == SagaStatus.COMPENSATED
+    assert row.error is not None and row.error.startswith("poison: claimed 4 times")
+    assert script.journal == []
+    assert step_statuses(step_log, saga_id) == {
+        "a": "skipped", "b": "skipped", "c": "skipped", "d": "pending",
+    }
+    assert_valid_log(step_log, saga_id)
+
+
+def test_poison__repeated_crashes_compensate_the_interrupted_step(
+    db: Database, step_log: StepLog, script: Script
+) -> None:
+    script.failures["b"] = [Crash()] * CONFIG.max_saga_attempts
+    saga_id = create(step_log)
+    for _ in range(CONFIG.max_saga_attempts):
+        with pytest.raises(Crash):
+            make_executor(step_log, script).run_once()
+        expire_lease(db, saga_id)
+    make_executor(step_log, script).drain()
+
+    row = saga(step_log, saga_id)
+    assert row.status == SagaStatus.COMPENSATED
+    assert row.attempts == CONFIG.max_saga_attempts + 1
+    assert row.error is not None and "poison" in row.error
+    assert script.done() == ["a"] + ["b"] * CONFIG.max_saga_attempts
+    assert script.done("undo") == ["b", "a"]
+    assert_valid_log(step_log, saga_id)
+
+
+def test_poison__after_pivot_keeps_going_forward(
+    db: Database, step_log: StepLog, script: Script
+) -> None:
+    script.failures["d"] = [Crash()]
+    saga_id = create(step_log)
+    with pytest.raises(Crash):
+        make_executor(step_log, script).run_once()
+    set_saga(db, saga_id, attempts=CONFIG.max_saga_attempts + 5,
+             lease_expires_at=utcnow() - timedelta(minutes=5))
+    make_executor(step_log, script).drain()
+
+    assert saga(step_log, saga_id).status == SagaStatus.SUCCEEDED
+    assert script.done("undo") == []
+
+
+def test_fifo__same_partition_waits_for_the_older_saga(step_log: StepLog) -> None:
+    first = create(step_log)
+    second = create(step_log)
+    other = create(step_log, partition=PARTITION + timedelta(days=1))
+
+    claim = step_log.claim_next("w1", lease_ttl_s=30)
+    assert claim is not None and claim.saga_id == first
+    claim_other = step_log.claim_next("w2", lease_ttl_s=30)
+    assert claim_other is not None and claim_other.saga_id == other
+    assert step_log.claim_next("w3", lease_ttl_s=30) is None
+
+    step_log.transition_saga(first, claim.epoch, SagaStatus.SUCCEEDED)
+    claim_second = step_log.claim_next("w3", lease_ttl_s=30)
+    assert claim_second is not None and claim_second.saga_id == second
+
+
+def test_fifo__failed_saga_blocks_its_partition(step_log: StepLog, script: Script) -> None:
+    script.failures["a"] = [PermanentError("no")]
+    script.undo_failures["a"] = [RuntimeError("stuck")] * 3
+    first = create(step_log)
+    second = create(step_log)
+    make_executor(step_log, script).drain()
+
+    assert saga(step_log, first).status == SagaStatus.FAILED
+    assert saga(step_log, second).status == SagaStatus.PENDING
+    assert step_log.claim_next("w", lease_ttl_s=30) is None
+
+
+def test_after_pivot_failure__is_retried_not_compensated(
+    db: Database, step_log: StepLog, script: Script
+) -> None:
+    script.failures["d"] = [PermanentError("webhook 500")]
+    saga_id = create(step_log)
+    before = utcnow()
+    make_executor(step_log, script).drain()
+
+    row = saga(step_log, saga_id)
+    assert row.status == SagaStatus.RUNNING
+    assert row.lease_owner is None and row.lease_expires_at is None
+    assert row.not_before is not None
+    assert row.not_before >= before + timedelta(seconds=CONFIG.after_pivot_retry_s - 1)
+    assert step_statuses(step_log, saga_id) == {
+        "a": "succeeded", "b": "succeeded", "c": "succeeded", "d": "failed",
+    }
+    assert make_executor(step_log, script).run_once() is False
+
+    set_saga(db, saga_id, not_before=utcnow() - timedelta(seconds=1))
+    make_executor(step_log, script).drain()
+
+    row = saga(step_log, saga_id)
+    assert row.status == SagaStatus.SUCCEEDED and row.epoch == 2
+    assert script.done() == ["a", "b", "c", "d", "d"]
+    assert script.done("undo") == []
+    steps = {s.step: s for s in step_log.steps(saga_id)}
+    assert steps["d"].status == "succeeded" and steps["d"].attempt == 2
+    assert_valid_log(step_log, saga_id)
+
+
+def test_cancel__before_the_run_compensates_without_running_steps(
+    step_log: StepLog, script: Script
+) -> None:
+    saga_id = create(step_log)
+    assert step_log.request_cancel(saga_id) is not None
+    assert step_log.request_cancel(str(uuid.uuid4())) is None
+    make_executor(step_log, script).drain()
+
+    row = saga(step_log, saga_id)
+    assert row.status == SagaStatus.COMPENSATED
+    assert row.error is not None and "cancelled" in row.error
+    assert script.journal == []
+    assert [e.kind for e in step_log.events(saga_id)].count("cancel_requested") == 1
+    assert_valid_log(step_log, saga_id)
+
+
+def test_cancel__mid_run_stops_at_the_next_step_and_compensates(
+    step_log: StepLog, script: Script
+) -> None:
+    saga_id = create(step_log)
+    script.hooks["a"] = lambda ctx: step_log.request_cancel(ctx.saga_id) and None
+    make_executor(step_log, script).drain()
+
+    row = saga(step_log, saga_id)
+    assert row.status == SagaStatus.COMPENSATED
+    assert row.error is not None and "cancelled" in row.error
+    assert script.journal == [("do", "a"), ("undo", "a")]
+    assert_valid_log(step_log, saga_id)
+
+
+def test_cancel__after_the_pivot_is_ignored(step_log: StepLog, script: Script) -> None:
+    saga_id = create(step_log)
+    script.hooks["c"] = lambda ctx: step_log.request_cancel(ctx.saga_id) and None
+    make_executor(step_log, script).drain()
+
+    assert saga(step_log, saga_id).status == SagaStatus.SUCCEEDED
+    assert script.done("undo") == []
+
+
+def test_concurrency__every_saga_claimed_exactly_once(step_log: StepLog, script: Script) -> None:
+    saga_ids = [create(step_log, partition=PARTITION + timedelta(days=i)) for i in range(20)]
+    errors: list[BaseException] = []
+    runs: Counter[str] = Counter()
+
+    def work(index: int) -> None:
+        executor = make_executor(step_log, script, name=f"worker-{index}")
+        try:
+            while executor.run_once():
+                runs[executor.owner] += 1
+        except BaseException as exc:  # surfaced below: a thread must not fail silently
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=45)
+    assert not any(t.is_alive() for t in threads), "workers still running"
+    assert errors == []
+    assert time.monotonic() - started < 45
+
+    assert sum(runs.values()) == 20
+    for saga_id in saga_ids:
+        assert saga(step_log, saga_id).status == SagaStatus.SUCCEEDED
+        claims = [e for e in step_log.events(saga_id) if e.kind == "claimed"]
+        assert len(claims) == 1, saga_id
+        assert_valid_log(step_log, saga_id)
+    assert Counter(script.done()) == dict.fromkeys("abcd", 20)
