@@ -28,7 +28,7 @@ from app.notify.urls import UnsafeUrl, check_webhook_url
 from app.saga.executor import Executor, ExecutorConfig
 from app.saga.retry import RetryPolicy
 from app.saga.states import SagaStatus
-from app.saga.step_log import NewSaga, StepLog, utcnow
+from app.saga.step_log import NewSaga, StepLog, rowcount, utcnow
 from app.settings import Settings
 
 log = logging.getLogger("lakesaga.service")
@@ -255,7 +255,7 @@ class Service:
     def remove_consumer(self, consumer_id: str) -> None:
         with self.db.transaction() as s:
             result = s.execute(delete(ConsumerRow).where(ConsumerRow.id == consumer_id))
-        if result.rowcount == 0:
+        if rowcount(result) == 0:
             raise Problem(404, "Consumer not found", f"no consumer with id {consumer_id!r}")
 
     def ready(self) -> None:

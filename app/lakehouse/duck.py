@@ -7,6 +7,7 @@ connection per worker process keeps the lake attached; each thread works on its 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import threading
@@ -147,7 +148,5 @@ def snapshot_of(cur: duckdb.DuckDBPyConnection, tag: str) -> int | None:
 
 
 def rollback_quietly(cur: duckdb.DuckDBPyConnection) -> None:
-    try:
+    with contextlib.suppress(duckdb.Error):  # no transaction was open
         cur.execute("ROLLBACK")
-    except duckdb.Error:
-        pass  # no transaction was open

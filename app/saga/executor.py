@@ -93,6 +93,16 @@ class SagaRunner:
         saga = self.log.get(self.saga_id)
         assert saga is not None
         self.saga = saga
+        if (saga.status == SagaStatus.COMPENSATING
+                and self.claim.attempts > 2 * self.config.max_saga_attempts):
+            # Compensation itself keeps killing its worker: stop and leave it to an operator.
+            self.log.transition_saga(
+                self.saga_id, self.epoch, SagaStatus.FAILED,
+                error=f"compensation interrupted {self.claim.attempts} times; not rolled back: "
+                      + ", ".join(r.step for r in self.log.steps(self.saga_id)
+                                  if r.status in STEP_STATUSES_TO_COMPENSATE),
+            )
+            return
         if saga.status == SagaStatus.RUNNING:
             reason = self._reason_to_turn_back()
             if reason:

@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, exists, func, insert, or_, select, update
+from sqlalchemy import CursorResult, Result, and_, exists, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
@@ -37,6 +37,11 @@ _BLOCKING = [
     SagaStatus.COMPENSATING.value,
     SagaStatus.FAILED.value,
 ]
+
+
+def rowcount(result: Result[Any]) -> int:
+    """Rows matched by an UPDATE/DELETE (what every compare-and-set checks)."""
+    return int(cast("CursorResult[Any]", result).rowcount)
 
 
 def utcnow() -> datetime:
@@ -198,7 +203,7 @@ class StepLog:
                     updated_at=now,
                 )
             )
-            if result.rowcount != 1:
+            if rowcount(result) != 1:
                 return None
             payload: dict[str, Any] = {"owner": owner, "attempts": attempts + 1}
             if new_status.value != status:
@@ -219,7 +224,7 @@ class StepLog:
                 )
                 .values(lease_expires_at=now + timedelta(seconds=lease_ttl_s))
             )
-            return result.rowcount == 1
+            return rowcount(result) == 1
 
     def release(self, saga_id: str, epoch: int, *, retry_after_s: float | None = None) -> None:
         """Give the lease up; with ``retry_after_s`` the saga is claimable again after that."""
@@ -311,7 +316,7 @@ class StepLog:
                        SagaStepRow.status == StepStatus.PENDING.value)
                 .values(status=StepStatus.SKIPPED.value)
             )
-            if result.rowcount:
+            if rowcount(result):
                 _append_event(s, saga_id, epoch, "steps_skipped", None, {"steps": names})
 
     def record_event(
@@ -361,7 +366,7 @@ def _cas(
     error: type[Exception] = LostOwnership,
 ) -> None:
     result = s.execute(update(model).where(*conditions).values(**values))
-    if result.rowcount != 1:
+    if rowcount(result) != 1:
         raise error(f"compare-and-set failed: {what}")
 
 

@@ -8,8 +8,8 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response
 
 from app.api.deps import IdempotencyKeyDep, ServiceDep
-from app.api.schemas import EventPage, Saga, SagaCreate, SagaPage
 from app.api.problems import PROBLEM_RESPONSES
+from app.api.schemas import EventPage, Saga, SagaCreate, SagaPage
 
 router = APIRouter(prefix="/sagas", tags=["sagas"], responses=PROBLEM_RESPONSES)
 
