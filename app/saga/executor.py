@@ -228,7 +228,7 @@ class SagaRunner:
         forward = self.definition.steps[: self.definition.pivot_index() + 1]
         self.log.skip_pending_steps(
             self.saga_id, self.epoch,
-            [s.name for s in forward if rows[s.name].status == StepStatus.PENDING],
+            [s.name for s in self.definition.steps if rows[s.name].status == StepStatus.PENDING],
         )
         outputs = {name: row.output or {} for name, row in rows.items() if row.output}
         for spec in reversed(forward):
