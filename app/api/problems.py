@@ -11,14 +11,13 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException
 
-from app.api.schemas import ProblemDetail
 from app.errors import Problem
 
 log = logging.getLogger("lakesaga.api")
 MEDIA_TYPE = "application/problem+json"
 
 PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ProblemDetail, "description": text,
+    status: {"description": text,
              "content": {MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/ProblemDetail"}}}}
     for status, text in [
         (400, "Malformed request"),
