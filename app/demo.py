@@ -21,6 +21,7 @@ import httpx
 import uvicorn
 from rich.console import Console
 
+from app.lakehouse.duck import first_row
 from app.lakehouse.generator import generate_clickstream
 from app.lakehouse.tables import LAYERS, layer_table
 from app.main import create_app
@@ -211,8 +212,8 @@ def _lake_counts(service: Service) -> dict[str, int]:
     cur = service.lake.cursor()
     counts = {}
     for layer in LAYERS:
-        row = cur.execute(f"SELECT count(*) FROM {layer_table(spec, layer)} "
-                          "WHERE partition_date = CAST(? AS DATE)", [PARTITION]).fetchone()
+        row = first_row(cur.execute(f"SELECT count(*) FROM {layer_table(spec, layer)} "
+                          "WHERE partition_date = CAST(? AS DATE)", [PARTITION]))
         counts[layer] = int(row[0]) if row else 0
     return counts
 

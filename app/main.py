@@ -11,8 +11,8 @@ from fastapi.routing import APIRoute
 
 from app import __version__
 from app.api.problems import install_problem_handlers
-from app.api.schemas import ProblemDetail
 from app.api.routes import consumers, datasets, health, sagas
+from app.api.schemas import ProblemDetail
 from app.service import Service
 from app.settings import Settings, get_settings
 

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import threading
 from pathlib import Path
+from typing import Any
 
 import duckdb
 from sqlalchemy.engine import make_url
@@ -116,12 +117,22 @@ class Lake:
         return cur
 
     def current_snapshot(self, cur: duckdb.DuckDBPyConnection | None = None) -> int:
-        row = (cur or self.cursor()).execute(f"SELECT id FROM {LAKE}.current_snapshot()").fetchone()
+        row = first_row((cur or self.cursor()).execute(f"SELECT id FROM {LAKE}.current_snapshot()"))
         assert row is not None
         return int(row[0])
 
     def close(self) -> None:
         self.con.close()
+
+
+def first_row(result: duckdb.DuckDBPyConnection) -> tuple[Any, ...] | None:
+    """The first row of a result, read to the end.
+
+    A half-read result keeps DuckDB's transaction open, and with it a read lock on a SQLite
+    DuckLake catalog that blocks every other commit: never use ``fetchone`` on the lake.
+    """
+    rows = result.fetchall()
+    return rows[0] if rows else None
 
 
 def commit_tag(saga_id: str, step: str, epoch: int, attempt: int) -> str:
@@ -132,7 +143,11 @@ def commit_tag(saga_id: str, step: str, epoch: int, attempt: int) -> str:
 
 
 def begin_tagged(cur: duckdb.DuckDBPyConnection, tag: str, message: str) -> None:
-    """Open a lake transaction whose commit records who wrote it and why."""
+    """Open a lake transaction whose commit records who wrote it and why.
+
+    Call it inside the ``try`` whose ``except`` rolls back: the CALL can fail after BEGIN.
+    """
+    rollback_quietly(cur)  # a transaction left open by an earlier failure poisons the cursor
     cur.execute("BEGIN")
     cur.execute(
         f"CALL {LAKE}.set_commit_message('lakesaga', ?, extra_info => ?)", [message, tag]
@@ -141,9 +156,9 @@ def begin_tagged(cur: duckdb.DuckDBPyConnection, tag: str, message: str) -> None
 
 def snapshot_of(cur: duckdb.DuckDBPyConnection, tag: str) -> int | None:
     """The snapshot committed with ``tag``, or None if that commit never landed."""
-    row = cur.execute(
+    row = first_row(cur.execute(
         f"SELECT max(snapshot_id) FROM {LAKE}.snapshots() WHERE commit_extra_info = ?", [tag]
-    ).fetchone()
+    ))
     return None if row is None or row[0] is None else int(row[0])
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import duckdb
 
+from app.lakehouse.duck import first_row
 from app.lakehouse.pipeline import DatasetSpec, quote
 from app.lakehouse.tables import bronze_table, replace_partition, silver_table
 
@@ -67,13 +68,13 @@ def process(cur: duckdb.DuckDBPyConnection, spec: DatasetSpec, *, partition_date
     cur.execute(f"CREATE OR REPLACE TEMP TABLE {quote(stage)} AS "
                 f"{staging_sql(spec, partition_date)}")
     try:
-        row = cur.execute(
+        row = first_row(cur.execute(
             f"""SELECT count(*),
                        count(*) FILTER (WHERE _duplicate),
                        count(*) FILTER (WHERE NOT _duplicate AND _invalid),
                        coalesce(sum(_nulls) FILTER (WHERE NOT _duplicate AND NOT _invalid), 0)
                 FROM {quote(stage)}"""
-        ).fetchone()
+        ))
         assert row is not None
         records_in, duplicates, invalid, nulls = (int(v) for v in row)
         columns = ", ".join(quote(c.name) for c in spec.columns)

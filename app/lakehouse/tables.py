@@ -5,7 +5,7 @@ from __future__ import annotations
 import duckdb
 
 from app.faults import fault_point
-from app.lakehouse.duck import LAKE, begin_tagged, rollback_quietly
+from app.lakehouse.duck import LAKE, begin_tagged, first_row, rollback_quietly
 from app.lakehouse.pipeline import DatasetSpec, quote
 
 LAYERS = ("bronze", "silver", "gold")
@@ -53,18 +53,22 @@ def ensure_tables(cur: duckdb.DuckDBPyConnection, spec: DatasetSpec) -> None:
     for layer in LAYERS:
         cur.execute(f"CREATE SCHEMA IF NOT EXISTS {LAKE}.{quote(layer)}")
     for name, columns in layouts.items():
-        exists = cur.execute(
+        exists = first_row(cur.execute(
             "SELECT count(*) FROM duckdb_tables() WHERE database_name = ? "
             "AND schema_name || '.' || table_name = ?",
             [LAKE, name.split(".", 1)[1].replace('"', "")],
-        ).fetchone()
+        ))
         if exists and exists[0]:
             continue
         cols = ", ".join(f"{quote(n)} {t}" for n, t in [("partition_date", "DATE"), *columns])
-        cur.execute("BEGIN")
-        cur.execute(f"CREATE TABLE IF NOT EXISTS {name} ({cols})")
-        cur.execute(f"ALTER TABLE {name} SET PARTITIONED BY (partition_date)")
-        cur.execute("COMMIT")
+        try:
+            cur.execute("BEGIN")
+            cur.execute(f"CREATE TABLE IF NOT EXISTS {name} ({cols})")
+            cur.execute(f"ALTER TABLE {name} SET PARTITIONED BY (partition_date)")
+            cur.execute("COMMIT")
+        except BaseException:
+            rollback_quietly(cur)
+            raise
 
 
 def replace_partition(cur: duckdb.DuckDBPyConnection, target: str, partition_date: str,
@@ -73,18 +77,18 @@ def replace_partition(cur: duckdb.DuckDBPyConnection, target: str, partition_dat
 
     Returns the number of rows written. Idempotent: a re-run computes the same partition.
     """
-    begin_tagged(cur, tag, message)
     try:
+        begin_tagged(cur, tag, message)
         cur.execute(f"DELETE FROM {target} WHERE partition_date = CAST(? AS DATE)",
                     [partition_date])
         cur.execute(f"INSERT INTO {target} {select_sql}", params)
-        row = cur.execute(
+        row = first_row(cur.execute(
             f"SELECT count(*) FROM {target} WHERE partition_date = CAST(? AS DATE)",
             [partition_date],
-        ).fetchone()
+        ))
         fault_point(f"{message.split()[0]}.before_commit")
         cur.execute("COMMIT")
-    except duckdb.Error:
+    except BaseException:
         rollback_quietly(cur)
         raise
     fault_point(f"{message.split()[0]}.after_commit")
@@ -98,12 +102,12 @@ def restore_partition(cur: duckdb.DuckDBPyConnection, target: str, partition_dat
     For a first ingestion that empties the partition; for a re-ingestion it brings back the
     previous good rows instead of destroying them. Idempotent.
     """
-    begin_tagged(cur, tag, message)
     try:
-        removed = cur.execute(
+        begin_tagged(cur, tag, message)
+        removed = first_row(cur.execute(
             f"SELECT count(*) FROM {target} WHERE partition_date = CAST(? AS DATE)",
             [partition_date],
-        ).fetchone()
+        ))
         cur.execute(f"DELETE FROM {target} WHERE partition_date = CAST(? AS DATE)",
                     [partition_date])
         cur.execute(
@@ -111,12 +115,12 @@ def restore_partition(cur: duckdb.DuckDBPyConnection, target: str, partition_dat
             "WHERE partition_date = CAST(? AS DATE)",
             [partition_date],
         )
-        restored = cur.execute(
+        restored = first_row(cur.execute(
             f"SELECT count(*) FROM {target} WHERE partition_date = CAST(? AS DATE)",
             [partition_date],
-        ).fetchone()
+        ))
         cur.execute("COMMIT")
-    except duckdb.Error:
+    except BaseException:
         rollback_quietly(cur)
         raise
     return {
