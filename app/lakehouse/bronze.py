@@ -13,7 +13,7 @@ from typing import Any
 import duckdb
 
 from app.faults import fault_point
-from app.lakehouse.duck import begin_tagged, first_row, rollback_quietly, snapshot_of
+from app.lakehouse.duck import first_row, lake_write, snapshot_of
 from app.lakehouse.pipeline import DatasetSpec, quote
 from app.lakehouse.tables import bronze_table
 from app.saga.errors import PermanentError
@@ -77,8 +77,7 @@ def ingest(cur: duckdb.DuckDBPyConnection, spec: DatasetSpec, *, root: Path, fil
     prefix = str(root).rstrip("/") + "/"
     cols = ", ".join(f"CAST({quote(c.name)} AS VARCHAR)" for c in spec.columns)
     target = bronze_table(spec)
-    try:
-        begin_tagged(cur, tag, f"ingest_to_bronze {spec.name} {partition_date}")
+    with lake_write(cur, tag, f"ingest_to_bronze {spec.name} {partition_date}"):
         cur.execute(f"DELETE FROM {target} WHERE _batch_id = ?", [saga_id])
         cur.execute(
             f"INSERT INTO {target} SELECT CAST(? AS DATE), {cols}, ?, "
@@ -89,10 +88,6 @@ def ingest(cur: duckdb.DuckDBPyConnection, spec: DatasetSpec, *, root: Path, fil
             f"SELECT count(*) FROM {target} WHERE _batch_id = ?", [saga_id]
         ))
         fault_point("ingest_to_bronze.before_commit")
-        cur.execute("COMMIT")
-    except BaseException:
-        rollback_quietly(cur)
-        raise
     fault_point("ingest_to_bronze.after_commit")
     records = int(row[0]) if row else 0
     return {"files": len(files), "records": records, "snapshot_id": snapshot_of(cur, tag),
@@ -103,12 +98,7 @@ def delete_batch(cur: duckdb.DuckDBPyConnection, spec: DatasetSpec, *, saga_id: 
                  tag: str) -> dict[str, Any]:
     """Compensation: remove this saga's batch, and nothing else. Idempotent."""
     target = bronze_table(spec)
-    try:
-        begin_tagged(cur, tag, f"delete_bronze_partition {spec.name}")
+    with lake_write(cur, tag, f"delete_bronze_partition {spec.name}"):
         row = first_row(cur.execute(f"SELECT count(*) FROM {target} WHERE _batch_id = ?", [saga_id]))
         cur.execute(f"DELETE FROM {target} WHERE _batch_id = ?", [saga_id])
-        cur.execute("COMMIT")
-    except BaseException:
-        rollback_quietly(cur)
-        raise
     return {"records_removed": int(row[0]) if row else 0}

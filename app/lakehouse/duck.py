@@ -8,9 +8,12 @@ connection per worker process keeps the lake attached; each thread works on its 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import importlib.util
 import json
+import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +82,63 @@ def _sql_string(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
+class WriteGuard:
+    """Serializes lake transactions when the DuckLake catalog is a SQLite file.
+
+    A SQLite catalog takes its locks for the whole lake transaction; two writers (threads, or
+    processes sharing the lake directory) then time out on each other's locks and both fail.
+    A thread lock plus an exclusive ``flock`` on ``<lake_dir>/.write.lock`` make them queue
+    instead. PostgreSQL catalogs need none of this: they get a no-op guard.
+    """
+
+    def __init__(self, lock_file: Path | None) -> None:
+        self._thread_lock = threading.RLock()
+        self._lock_file = lock_file
+        self._depth = 0
+        self._fd: int | None = None
+
+    def __enter__(self) -> WriteGuard:
+        self._thread_lock.acquire()
+        if self._lock_file is not None and self._depth == 0:
+            self._fd = os.open(self._lock_file, os.O_CREAT | os.O_RDWR, 0o600)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        self._depth += 1
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._depth -= 1
+        if self._fd is not None and self._depth == 0:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+        self._thread_lock.release()
+
+
+#: The guard of the lake each cursor belongs to (cursors are handed out by ``Lake.cursor``).
+_GUARDS: dict[int, WriteGuard] = {}
+
+
+def write_guard(cur: duckdb.DuckDBPyConnection) -> contextlib.AbstractContextManager[Any]:
+    """The guard to hold around lake work that must not interleave with other writers."""
+    return _GUARDS.get(id(cur), contextlib.nullcontext())
+
+
+@contextlib.contextmanager
+def lake_write(cur: duckdb.DuckDBPyConnection, tag: str, message: str) -> Iterator[None]:
+    """One lake transaction, tagged with who writes and why, committed when the body ends.
+
+    Any failure inside rolls back, so the cursor is never left in an aborted transaction.
+    """
+    with write_guard(cur):
+        try:
+            begin_tagged(cur, tag, message)
+            yield
+            cur.execute("COMMIT")
+        except BaseException:
+            rollback_quietly(cur)
+            raise
+
+
 class Lake:
     """A DuckDB database with the DuckLake catalog attached as ``lake``."""
 
@@ -106,6 +166,8 @@ class Lake:
         )
         self._local = threading.local()
         self._lock = threading.Lock()
+        sqlite_catalog = target.startswith("sqlite:")
+        self.write_guard = WriteGuard(settings.lake_dir / ".write.lock" if sqlite_catalog else None)
 
     def cursor(self) -> duckdb.DuckDBPyConnection:
         """This thread's cursor (DuckDB connections are not shared across threads)."""
@@ -113,6 +175,7 @@ class Lake:
         if cur is None:
             with self._lock:
                 cur = self.con.cursor()
+            _GUARDS[id(cur)] = self.write_guard
             self._local.cursor = cur
         return cur
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import duckdb
 
-from app.lakehouse.duck import first_row
+from app.lakehouse.duck import first_row, write_guard
 from app.lakehouse.pipeline import DatasetSpec, quote
 from app.lakehouse.tables import bronze_table, replace_partition, silver_table
 
@@ -65,6 +65,13 @@ SELECT * EXCLUDE (_unusable), _unusable OR NOT ({rules}) AS _invalid FROM filled
 def process(cur: duckdb.DuckDBPyConnection, spec: DatasetSpec, *, partition_date: str,
             saga_id: str, stage: str, tag: str) -> dict[str, Any]:
     """Rebuild the silver partition from bronze; returns the cleaning metrics."""
+    with write_guard(cur):
+        return _process(cur, spec, partition_date=partition_date, saga_id=saga_id, stage=stage,
+                        tag=tag)
+
+
+def _process(cur: duckdb.DuckDBPyConnection, spec: DatasetSpec, *, partition_date: str,
+             saga_id: str, stage: str, tag: str) -> dict[str, Any]:
     cur.execute(f"CREATE OR REPLACE TEMP TABLE {quote(stage)} AS "
                 f"{staging_sql(spec, partition_date)}")
     try:

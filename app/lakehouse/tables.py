@@ -5,7 +5,7 @@ from __future__ import annotations
 import duckdb
 
 from app.faults import fault_point
-from app.lakehouse.duck import LAKE, begin_tagged, first_row, rollback_quietly
+from app.lakehouse.duck import LAKE, first_row, lake_write
 from app.lakehouse.pipeline import DatasetSpec, quote
 
 LAYERS = ("bronze", "silver", "gold")
@@ -61,14 +61,9 @@ def ensure_tables(cur: duckdb.DuckDBPyConnection, spec: DatasetSpec) -> None:
         if exists and exists[0]:
             continue
         cols = ", ".join(f"{quote(n)} {t}" for n, t in [("partition_date", "DATE"), *columns])
-        try:
-            cur.execute("BEGIN")
+        with lake_write(cur, '{"step": "create_table"}', f"create {name}"):
             cur.execute(f"CREATE TABLE IF NOT EXISTS {name} ({cols})")
             cur.execute(f"ALTER TABLE {name} SET PARTITIONED BY (partition_date)")
-            cur.execute("COMMIT")
-        except BaseException:
-            rollback_quietly(cur)
-            raise
 
 
 def replace_partition(cur: duckdb.DuckDBPyConnection, target: str, partition_date: str,
@@ -77,8 +72,7 @@ def replace_partition(cur: duckdb.DuckDBPyConnection, target: str, partition_dat
 
     Returns the number of rows written. Idempotent: a re-run computes the same partition.
     """
-    try:
-        begin_tagged(cur, tag, message)
+    with lake_write(cur, tag, message):
         cur.execute(f"DELETE FROM {target} WHERE partition_date = CAST(? AS DATE)",
                     [partition_date])
         cur.execute(f"INSERT INTO {target} {select_sql}", params)
@@ -87,10 +81,6 @@ def replace_partition(cur: duckdb.DuckDBPyConnection, target: str, partition_dat
             [partition_date],
         ))
         fault_point(f"{message.split()[0]}.before_commit")
-        cur.execute("COMMIT")
-    except BaseException:
-        rollback_quietly(cur)
-        raise
     fault_point(f"{message.split()[0]}.after_commit")
     return int(row[0]) if row else 0
 
@@ -102,8 +92,7 @@ def restore_partition(cur: duckdb.DuckDBPyConnection, target: str, partition_dat
     For a first ingestion that empties the partition; for a re-ingestion it brings back the
     previous good rows instead of destroying them. Idempotent.
     """
-    try:
-        begin_tagged(cur, tag, message)
+    with lake_write(cur, tag, message):
         removed = first_row(cur.execute(
             f"SELECT count(*) FROM {target} WHERE partition_date = CAST(? AS DATE)",
             [partition_date],
@@ -119,10 +108,6 @@ def restore_partition(cur: duckdb.DuckDBPyConnection, target: str, partition_dat
             f"SELECT count(*) FROM {target} WHERE partition_date = CAST(? AS DATE)",
             [partition_date],
         ))
-        cur.execute("COMMIT")
-    except BaseException:
-        rollback_quietly(cur)
-        raise
     return {
         "records_removed": int(removed[0]) if removed else 0,
         "records_restored": int(restored[0]) if restored else 0,
