@@ -1,8 +1,11 @@
 """Named fault points for demos and crash tests, driven by ``LAKESAGA_FAULTS``.
 
-``LAKESAGA_FAULTS="aggregate_to_gold=raise,process_to_silver.after_write=kill@2"``: at the named
+``LAKESAGA_FAULTS="aggregate_to_gold=raise,process_to_silver.after_commit=kill@2"``: at the named
 point, ``raise`` fails with :class:`FaultInjected`, ``kill`` SIGKILLs this process (no cleanup,
-like a power cut), ``sleep:MS`` pauses. ``@N`` fires on the N-th hit only. Unset: a no-op.
+like a power cut), ``stop`` SIGSTOPs it (a paused "zombie" until someone sends SIGCONT),
+``sleep:MS`` pauses. ``@N`` fires on the N-th hit only. Unset: a no-op.
+``LAKESAGA_FAULT_TRACE=<file>`` appends every point reached to that file (to prove coverage).
+The points are listed in docs/RELIABILITY.md and ``app.lakehouse.ingestion.fault_points``.
 """
 
 from __future__ import annotations
@@ -35,8 +38,8 @@ def parse_faults(spec: str) -> dict[str, Fault]:
             raise ValueError(f"fault {item!r}: expected point=action")
         rule, _, hit = rule.partition("@")
         action, _, arg = rule.partition(":")
-        if action not in {"raise", "kill", "sleep"}:
-            raise ValueError(f"fault {item!r}: action must be raise, kill or sleep:MS")
+        if action not in {"raise", "kill", "stop", "sleep"}:
+            raise ValueError(f"fault {item!r}: action must be raise, kill, stop or sleep:MS")
         faults[point.strip()] = Fault(
             action=action,
             argument=float(arg) if arg else 0.0,
@@ -46,12 +49,16 @@ def parse_faults(spec: str) -> dict[str, Fault]:
 
 
 class FaultPlan:
-    def __init__(self, spec: str = "") -> None:
+    def __init__(self, spec: str = "", trace: str | None = None) -> None:
         self.faults = parse_faults(spec)
+        self.trace = trace
         self._hits: Counter[str] = Counter()
         self._lock = threading.Lock()
 
     def hit(self, point: str) -> None:
+        if self.trace:
+            with self._lock, open(self.trace, "a", encoding="utf-8") as fh:
+                fh.write(point + "\n")
         fault = self.faults.get(point)
         if fault is None:
             return
@@ -62,6 +69,8 @@ class FaultPlan:
             return
         if fault.action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        elif fault.action == "stop":
+            os.kill(os.getpid(), signal.SIGSTOP)
         elif fault.action == "sleep":
             time.sleep(fault.argument / 1000)
         else:
@@ -71,9 +80,9 @@ class FaultPlan:
 _plan: FaultPlan | None = None
 
 
-def configure_faults(spec: str) -> None:
+def configure_faults(spec: str, trace: str | None = None) -> None:
     global _plan
-    _plan = FaultPlan(spec)
+    _plan = FaultPlan(spec, trace) if spec or trace else None
 
 
 def fault_point(point: str) -> None:

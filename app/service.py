@@ -46,7 +46,7 @@ def fingerprint(body: dict[str, Any]) -> str:
 class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        configure_faults(settings.faults)
+        configure_faults(settings.faults, settings.fault_trace)
         if settings.auto_migrate:
             upgrade(settings.database_url)
         self.db = Database(settings.database_url)
@@ -210,6 +210,17 @@ class Service:
         if row.status not in (SagaStatus.PENDING, SagaStatus.RUNNING):
             raise Problem(409, "Saga not cancellable", f"saga is {row.status}")
         self.log.request_cancel(saga_id)
+        if self.executor is not None:
+            self.executor.wake()
+        return self.saga(saga_id)
+
+    def retry(self, saga_id: str) -> dict[str, Any]:
+        row = self.log.get(saga_id)
+        if row is None:
+            raise Problem(404, "Saga not found", f"no saga with id {saga_id!r}")
+        if not self.log.retry_failed(saga_id):
+            raise Problem(409, "Saga not retryable",
+                          f"only a failed saga can be retried; this one is {row.status}")
         if self.executor is not None:
             self.executor.wake()
         return self.saga(saga_id)

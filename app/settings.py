@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     datasets_dir: Path | None = None
     #: Fault points for demos and tests: ``step=raise|kill|sleep:MS[@N],...``.
     faults: str = ""
+    #: Append every fault point reached to this file (crash-matrix coverage).
+    fault_trace: str | None = None
 
     #: Sagas executed concurrently by one process.
     worker_concurrency: int = Field(default=2, ge=1, le=64)

@@ -12,7 +12,6 @@ from typing import Any
 
 import duckdb
 
-from app.faults import fault_point
 from app.lakehouse.duck import first_row, lake_write, snapshot_of
 from app.lakehouse.pipeline import DatasetSpec, quote
 from app.lakehouse.tables import bronze_table
@@ -87,8 +86,6 @@ def ingest(cur: duckdb.DuckDBPyConnection, spec: DatasetSpec, *, root: Path, fil
         row = first_row(cur.execute(
             f"SELECT count(*) FROM {target} WHERE _batch_id = ?", [saga_id]
         ))
-        fault_point("ingest_to_bronze.before_commit")
-    fault_point("ingest_to_bronze.after_commit")
     records = int(row[0]) if row else 0
     return {"files": len(files), "records": records, "snapshot_id": snapshot_of(cur, tag),
             "table": f"bronze.{spec.bronze_table}"}

@@ -14,6 +14,7 @@ from sqlalchemy import delete, select
 
 from app.db.models import CatalogPartitionRow
 from app.db.session import Database
+from app.faults import fault_point
 from app.saga.step_log import utcnow
 
 _FIELDS = ("table_name", "saga_id", "rows", "snapshot_id", "lineage")
@@ -39,8 +40,11 @@ def _as_dict(row: CatalogPartitionRow) -> dict[str, Any]:
 
 
 def replace_entries(db: Database, dataset: str, partition_date: date,
-                    entries: list[dict[str, Any]]) -> None:
-    """Make the partition's catalog entries exactly ``entries`` (one transaction, idempotent)."""
+                    entries: list[dict[str, Any]], *, point: str) -> None:
+    """Make the partition's catalog entries exactly ``entries`` (one transaction, idempotent).
+
+    ``point`` names the fault points ``<point>.before_commit`` and ``<point>.after_commit``.
+    """
     now = utcnow()
     with db.transaction() as s:
         s.execute(
@@ -59,3 +63,6 @@ def replace_entries(db: Database, dataset: str, partition_date: date,
                     **{f: entry[f] for f in _FIELDS},
                 )
             )
+        s.flush()
+        fault_point(f"{point}.before_commit")
+    fault_point(f"{point}.after_commit")

@@ -20,6 +20,8 @@ from typing import Any
 import duckdb
 from sqlalchemy.engine import make_url
 
+from app.faults import fault_point
+from app.saga.fencing import check_owner
 from app.settings import Settings
 
 #: extension name -> PyPI wheel module that carries it
@@ -127,16 +129,21 @@ def write_guard(cur: duckdb.DuckDBPyConnection) -> contextlib.AbstractContextMan
 def lake_write(cur: duckdb.DuckDBPyConnection, tag: str, message: str) -> Iterator[None]:
     """One lake transaction, tagged with who writes and why, committed when the body ends.
 
-    Any failure inside rolls back, so the cursor is never left in an aborted transaction.
+    Any failure inside rolls back, so the cursor is never left in an aborted transaction. The
+    message's first word names the fault points ``<word>.before_commit`` / ``.after_commit``.
     """
+    point = message.split()[0]
     with write_guard(cur):
         try:
             begin_tagged(cur, tag, message)
             yield
+            fault_point(f"{point}.before_commit")
+            check_owner()  # a zombie resuming here must not commit over the new owner
             cur.execute("COMMIT")
         except BaseException:
             rollback_quietly(cur)
             raise
+    fault_point(f"{point}.after_commit")
 
 
 class Lake:

@@ -144,7 +144,7 @@ class LakehouseIngestionSaga(Saga):
             ctx.save_checkpoint({"previous": current_entries(db, spec.name, ctx.partition_date)})
         ctx.ensure_owner()
         entries = self._catalog_entries(ctx, spec)
-        replace_entries(db, spec.name, ctx.partition_date, entries)
+        replace_entries(db, spec.name, ctx.partition_date, entries, point=ctx.step)
         registered = [f"{e['table_name']}/partition_date={ctx.partition_date}" for e in entries]
         return {"partitions_registered": registered}
 
@@ -153,7 +153,8 @@ class LakehouseIngestionSaga(Saga):
         if not ctx.checkpoint or "previous" not in ctx.checkpoint:
             return {"entries_restored": 0, "note": "the step never wrote: nothing to undo"}
         previous = ctx.checkpoint["previous"]
-        replace_entries(self.services.db, ctx.dataset, ctx.partition_date, previous)
+        replace_entries(self.services.db, ctx.dataset, ctx.partition_date, previous,
+                        point="unregister_partitions")
         return {"entries_restored": len(previous)}
 
     def _catalog_entries(self, ctx: StepContext, spec: DatasetSpec) -> list[dict[str, Any]]:
@@ -211,3 +212,35 @@ def _bronze_partition(cur: duckdb.DuckDBPyConnection, spec: DatasetSpec,
         [partition_date],
     ).fetchall()
     return sum(int(n) for _, n in rows), [str(b) for b, _ in rows]
+
+
+#: The lake-writing steps and compensations: their transaction has before/after-commit points.
+_LAKE_WRITERS = ("ingest_to_bronze", "process_to_silver", "aggregate_to_gold",
+                 "delete_bronze_partition", "delete_silver_partition", "delete_gold_partition")
+#: Steps and compensations whose writes go to the saga database in one transaction.
+_DB_WRITERS = ("update_catalog", "unregister_partitions", "notify_downstream")
+
+
+def fault_points() -> dict[str, list[str]]:
+    """Every named fault point of the lakehouse saga, grouped as the crash matrix runs them.
+
+    ``forward``: reached by a saga that succeeds; ``compensation``: reached by a saga whose
+    ``update_catalog`` fails after writing (so every compensation has something to undo);
+    ``delivery``: reached while delivering webhooks. docs/RELIABILITY.md lists the same points.
+    """
+    forward: list[str] = ["saga.claimed"]
+    compensation: list[str] = ["saga.compensating"]
+    for spec in LakehouseIngestionSaga.steps:
+        forward += [spec.name, f"{spec.name}.before_record", f"{spec.name}.after_record"]
+        if spec.name != "notify_downstream":
+            forward.append(f"{spec.name}.after_checkpoint")
+        if spec.compensation:
+            name = spec.compensation
+            compensation += [name, f"{name}.before_record", f"{name}.after_record"]
+    for name in _LAKE_WRITERS + _DB_WRITERS:
+        group = forward if name in LakehouseIngestionSaga.step_names() else compensation
+        group += [f"{name}.before_commit", f"{name}.after_commit"]
+    forward.append("saga.succeeded")
+    compensation.append("saga.compensated")
+    return {"forward": forward, "compensation": compensation,
+            "delivery": ["webhook.before_send", "webhook.after_send"]}

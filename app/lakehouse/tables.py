@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import duckdb
 
-from app.faults import fault_point
 from app.lakehouse.duck import LAKE, first_row, lake_write
 from app.lakehouse.pipeline import DatasetSpec, quote
 
@@ -80,8 +79,6 @@ def replace_partition(cur: duckdb.DuckDBPyConnection, target: str, partition_dat
             f"SELECT count(*) FROM {target} WHERE partition_date = CAST(? AS DATE)",
             [partition_date],
         ))
-        fault_point(f"{message.split()[0]}.before_commit")
-    fault_point(f"{message.split()[0]}.after_commit")
     return int(row[0]) if row else 0
 
 

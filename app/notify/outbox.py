@@ -12,6 +12,7 @@ from sqlalchemy import select
 
 from app.db.models import ConsumerRow, OutboxRow
 from app.db.session import Database
+from app.faults import fault_point
 from app.saga.step_log import utcnow
 
 PARTITION_READY = "partition.ready"
@@ -22,7 +23,7 @@ def idempotency_key(saga_id: str, consumer_id: str, event_type: str) -> str:
 
 
 def enqueue_for_dataset(db: Database, saga_id: str, dataset: str, event_type: str,
-                        payload: dict[str, Any]) -> list[str]:
+                        payload: dict[str, Any], *, point: str = "notify_downstream") -> list[str]:
     """Queue ``payload`` for every consumer of ``dataset``; returns the consumer names."""
     now = utcnow()
     with db.transaction() as s:
@@ -44,7 +45,10 @@ def enqueue_for_dataset(db: Database, saga_id: str, dataset: str, event_type: st
                 next_attempt_at=now,
                 created_at=now,
             ))
-        return [c.name for c in consumers]
+        s.flush()
+        fault_point(f"{point}.before_commit")
+    fault_point(f"{point}.after_commit")
+    return [c.name for c in consumers]
 
 
 def deliveries_for_saga(db: Database, saga_id: str) -> list[dict[str, Any]]:

@@ -22,6 +22,7 @@ from sqlalchemy import select, update
 
 from app.db.models import ConsumerRow, OutboxRow
 from app.db.session import Database
+from app.faults import fault_point
 from app.notify.urls import UnsafeUrl, check_webhook_url
 from app.saga.step_log import utcnow
 
@@ -102,11 +103,13 @@ class Dispatcher:
                 "webhook-signature": sign(consumer.secret, row.idempotency_key, timestamp, body),
                 "user-agent": "lakesaga-webhooks",
             }
+            fault_point("webhook.before_send")
             with self.client.stream("POST", consumer.url, content=body, headers=headers) as resp:
                 status_code = resp.status_code
                 retry_after = _retry_after_s(resp.headers.get("retry-after"))
                 _drain_capped(resp)
             error = None if 200 <= status_code < 300 else f"HTTP {status_code}"
+            fault_point("webhook.after_send")
         except UnsafeUrl as exc:
             error = str(exc)
         except httpx.HTTPError as exc:

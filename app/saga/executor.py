@@ -20,6 +20,7 @@ from typing import Any
 from app.faults import fault_point
 from app.saga.definition import Saga, StepContext, StepSpec
 from app.saga.errors import LostOwnership, UnknownDefinition
+from app.saga.fencing import owner_check
 from app.saga.retry import RetryPolicy
 from app.saga.states import STEP_STATUSES_TO_COMPENSATE, SagaStatus, StepStatus
 from app.saga.step_log import Claim, StepLog, utcnow
@@ -195,7 +196,8 @@ class SagaRunner:
             ctx = self._context(spec, attempt, outputs, checkpoint)
             try:
                 fault_point(spec.name)
-                output = self.definition.run_action(spec, ctx)
+                with owner_check(self._ensure_owner):
+                    output = self.definition.run_action(spec, ctx)
                 self._ensure_owner()
                 fault_point(f"{spec.name}.before_record")
             except LostOwnership:
@@ -219,6 +221,7 @@ class SagaRunner:
                 values={"output": output, "finished_at": utcnow()},
                 payload={"attempt": attempt},
             )
+            fault_point(f"{spec.name}.after_record")
             outputs[spec.name] = output
             return None
 
@@ -271,7 +274,8 @@ class SagaRunner:
                 if spec.compensation is not None:
                     fault_point(spec.compensation)
                     ctx = self._context(spec, attempt, outputs, checkpoint, output)
-                    result = self.definition.run_compensation(spec, ctx)
+                    with owner_check(self._ensure_owner):
+                        result = self.definition.run_compensation(spec, ctx)
                     self._ensure_owner()
                     fault_point(f"{spec.compensation}.before_record")
             except LostOwnership:
@@ -293,6 +297,7 @@ class SagaRunner:
                 values={"compensation_output": result, "compensation_finished_at": utcnow()},
                 payload={"compensation": name},
             )
+            fault_point(f"{name}.after_record")
             return None
 
 

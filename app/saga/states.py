@@ -20,8 +20,7 @@ class SagaStatus(StrEnum):
     COMPENSATING = "compensating"
     #: Every written step was undone; the lake is as it was before the saga. Terminal.
     COMPENSATED = "compensated"
-    #: Compensation exhausted its retries; an operator must act (the log may move it back to
-    #: ``compensating``; the retry endpoint comes with the crash-safety work).
+    #: Compensation exhausted its retries; an operator must act (``POST /sagas/{id}/retry``).
     FAILED = "failed"
 
 

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, aliased
 
 from app.db.models import SagaEventRow, SagaRow, SagaStepRow
 from app.db.session import Database
+from app.faults import fault_point
 from app.saga.errors import InvalidTransition, LostOwnership
 from app.saga.states import (
     ACTIVE_SAGA_STATUSES,
@@ -209,6 +210,7 @@ class StepLog:
             if new_status.value != status:
                 payload.update({"from": status, "to": new_status.value})
             _append_event(s, saga_id, epoch + 1, "claimed", None, payload)
+        fault_point("saga.claimed")
         return Claim(saga_id, epoch + 1, new_status, attempts + 1, definition)
 
     def renew_lease(self, saga_id: str, epoch: int, owner: str, lease_ttl_s: float) -> bool:
@@ -268,6 +270,7 @@ class StepLog:
             if error:
                 payload["error"] = error
             _append_event(s, saga_id, epoch, "status", None, payload)
+        fault_point(f"saga.{target.value}")
 
     def update_step(
         self,
@@ -303,6 +306,7 @@ class StepLog:
                 .values(checkpoint=data)
             )
             _append_event(s, saga_id, epoch, "checkpoint", step, data)
+        fault_point(f"{step}.after_checkpoint")
 
     def skip_pending_steps(self, saga_id: str, epoch: int, steps: Iterable[str]) -> None:
         names = list(steps)
@@ -325,6 +329,29 @@ class StepLog:
         with self.db.transaction() as s:
             _lock_owned(s, saga_id, epoch)
             _append_event(s, saga_id, epoch, kind, step, payload)
+
+    def retry_failed(self, saga_id: str) -> bool:
+        """Send a ``failed`` saga back to ``compensating`` with a fresh attempt budget.
+
+        An operator action: no epoch is held, the next claim fences off anything older.
+        False when the saga is not ``failed``.
+        """
+        now = utcnow()
+        with self.db.transaction() as s:
+            row = s.execute(
+                update(SagaRow)
+                .where(SagaRow.id == saga_id, SagaRow.status == SagaStatus.FAILED.value)
+                .values(status=SagaStatus.COMPENSATING.value, attempts=0, lease_owner=None,
+                        lease_expires_at=None, not_before=None, finished_at=None,
+                        updated_at=now)
+                .returning(SagaRow.epoch)
+            ).first()
+            if row is None:
+                return False
+            _append_event(s, saga_id, row[0], "status", None,
+                          {"from": SagaStatus.FAILED.value, "to": SagaStatus.COMPENSATING.value,
+                           "reason": "retry requested"})
+        return True
 
     def request_cancel(self, saga_id: str) -> SagaRow | None:
         """Flag a saga for cancellation; its owner compensates it at the next step boundary."""

@@ -62,3 +62,9 @@ def get_saga_events(
 def cancel_saga(saga_id: str, service: ServiceDep) -> dict:
     """Ask a pending or running saga to stop and compensate; 409 when it is past that."""
     return service.cancel(saga_id)
+
+
+@router.post("/{saga_id}/retry", status_code=202, response_model=Saga)
+def retry_saga(saga_id: str, service: ServiceDep) -> dict:
+    """Resume the compensation of a `failed` saga once its cause is fixed; 409 otherwise."""
+    return service.retry(saga_id)
