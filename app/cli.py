@@ -18,7 +18,7 @@ cli = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Crash-safe lakehouse ingestion sagas (Bronze -> Silver -> Gold).")
 db_cli = typer.Typer(no_args_is_help=True, help="Saga database schema.")
 cli.add_typer(db_cli, name="db")
-console = Console(highlight=False)
+console = Console(highlight=False, soft_wrap=True)
 
 
 def _logging() -> None:
@@ -107,6 +107,34 @@ def openapi() -> None:
     from app.openapi_doc import render_openapi
 
     sys.stdout.write(render_openapi(create_app(run_workers=False)))
+
+
+@cli.command()
+def check(
+    allow_failed: Annotated[bool, typer.Option(help="Accept sagas left `failed`.")] = False,
+    cleanup: Annotated[bool, typer.Option(help="Delete orphaned lake files first.")] = True,
+) -> None:
+    """Check the invariants (I1-I6) of the saga log, lake, catalog, outbox and raw input."""
+    from app.invariants import InvariantChecker
+    from app.lakehouse.duck import Lake
+    from app.lakehouse.pipeline import load_datasets
+    from app.service import Service
+
+    settings = get_settings()
+    service = Service(settings)
+    lake = Lake(settings)
+    try:
+        report = InvariantChecker(service.db, lake, load_datasets(settings.datasets_dir),
+                                  settings.source_root).check(allow_failed=allow_failed,
+                                                              cleanup=cleanup)
+    finally:
+        lake.close()
+        service.close()
+    console.print(", ".join(f"{k} {v}" for k, v in sorted(report.stats.items())))
+    for violation in report.violations:
+        console.print(f"[red]{violation}[/red]")
+    console.print("all invariants hold" if report.ok else f"{len(report.violations)} violations")
+    raise typer.Exit(0 if report.ok else 1)
 
 
 @cli.command()
