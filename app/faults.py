@@ -3,7 +3,8 @@
 ``LAKESAGA_FAULTS="aggregate_to_gold=raise,process_to_silver.after_commit=kill@2"``: at the named
 point, ``raise`` fails with :class:`FaultInjected`, ``kill`` SIGKILLs this process (no cleanup,
 like a power cut), ``stop`` SIGSTOPs it (a paused "zombie" until someone sends SIGCONT),
-``sleep:MS`` pauses. ``@N`` fires on the N-th hit only. Unset: a no-op.
+``sleep:MS`` pauses. ``@N`` fires on the N-th hit only, ``@N-M`` on hits N to M (so
+``delete_silver_partition=raise@1-2`` fails twice, then lets it succeed). Unset: a no-op.
 ``LAKESAGA_FAULT_TRACE=<file>`` appends every point reached to that file (to prove coverage).
 The points are listed in docs/RELIABILITY.md and ``app.lakehouse.ingestion.fault_points``.
 """
@@ -26,7 +27,8 @@ class FaultInjected(Exception):
 class Fault:
     action: str
     argument: float = 0.0
-    on_hit: int | None = None
+    first_hit: int | None = None
+    last_hit: int | None = None
 
 
 def parse_faults(spec: str) -> dict[str, Fault]:
@@ -40,10 +42,12 @@ def parse_faults(spec: str) -> dict[str, Fault]:
         action, _, arg = rule.partition(":")
         if action not in {"raise", "kill", "stop", "sleep"}:
             raise ValueError(f"fault {item!r}: action must be raise, kill, stop or sleep:MS")
+        first, _, last = hit.partition("-")
         faults[point.strip()] = Fault(
             action=action,
             argument=float(arg) if arg else 0.0,
-            on_hit=int(hit) if hit else None,
+            first_hit=int(first) if first else None,
+            last_hit=int(last or first) if first else None,
         )
     return faults
 
@@ -65,7 +69,7 @@ class FaultPlan:
         with self._lock:
             self._hits[point] += 1
             count = self._hits[point]
-        if fault.on_hit is not None and count != fault.on_hit:
+        if fault.first_hit is not None and not fault.first_hit <= count <= (fault.last_hit or 0):
             return
         if fault.action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
