@@ -29,8 +29,9 @@ from app.notify.outbox import PARTITION_READY, enqueue_for_dataset
 from app.saga import PermanentError, Saga, StepContext, action, compensate
 from app.settings import Settings
 
-_TRANSIENT_MESSAGES = ("Failed to commit", "Could not connect", "server closed the connection",
-                       "database is locked", "Connection refused")
+_TRANSIENT_MESSAGES = ("Failed to commit", "Could not connect", "Unable to connect",
+                       "server closed the connection", "database is locked", "Connection refused",
+                       "Failed to query most recent snapshot")
 
 
 @dataclass

@@ -26,3 +26,11 @@ class PermanentError(SagaError):
 
 class UnknownDefinition(SagaError):
     """A saga names a definition this process does not have."""
+
+
+class StepDeferred(SagaError):
+    """A step (or compensation) kept failing transiently: give the saga back and retry later.
+
+    An outage of the database or the lake must not turn a good ingestion into a compensated
+    one; the saga is released and claimed again, and the poison limit still bounds the attempts.
+    """

@@ -19,7 +19,7 @@ from typing import Any
 
 from app.faults import fault_point
 from app.saga.definition import Saga, StepContext, StepSpec
-from app.saga.errors import LostOwnership, UnknownDefinition
+from app.saga.errors import LostOwnership, StepDeferred, UnknownDefinition
 from app.saga.fencing import owner_check
 from app.saga.retry import RetryPolicy
 from app.saga.states import STEP_STATUSES_TO_COMPENSATE, SagaStatus, StepStatus
@@ -35,7 +35,8 @@ class ExecutorConfig:
     poll_interval_s: float = 0.5
     max_saga_attempts: int = 5
     step_retry: RetryPolicy = RetryPolicy()
-    #: Backoff of a failed step after the pivot before the saga is claimed again.
+    #: Backoff before a saga is claimed again after a step past the pivot failed, or after a
+    #: step kept failing transiently (an outage).
     after_pivot_retry_s: float = 5.0
 
 
@@ -205,7 +206,9 @@ class SagaRunner:
             except Exception as exc:
                 error = describe_error(exc)
                 checkpoint = ctx.checkpoint
-                if self.definition.is_transient(exc) and not policy.gives_up_after(tries):
+                if self.definition.is_transient(exc):
+                    if policy.gives_up_after(tries):
+                        raise StepDeferred(f"{spec.name}: {error}") from exc
                     log.info("step %s of %s failed (try %d), retrying: %s",
                              spec.name, self.saga_id, tries, error)
                     time.sleep(policy.delay_s(tries))
@@ -288,6 +291,8 @@ class SagaRunner:
                     payload={"compensation": name, "error": error},
                 )
                 if policy.gives_up_after(tries):
+                    if self.definition.is_transient(exc):
+                        raise StepDeferred(f"{name}: {error}") from exc
                     return error
                 time.sleep(policy.delay_s(tries))
                 continue
@@ -355,10 +360,19 @@ class Executor:
                 SagaRunner(self.log, factory(), claim, self.config, heartbeat).run()
         except LostOwnership as exc:
             log.warning("stopped saga %s: %s", claim.saga_id, exc)
+        except StepDeferred as exc:
+            log.warning("deferred saga %s: %s", claim.saga_id, exc)
+            self._release_quietly(claim)
         except Exception as exc:
             # Leave the lease to expire: the saga is retried by a later claim, counted as an attempt.
             log.exception("saga %s interrupted: %s", claim.saga_id, describe_error(exc))
         return True
+
+    def _release_quietly(self, claim: Claim) -> None:
+        try:
+            self.log.release(claim.saga_id, claim.epoch, retry_after_s=self.config.after_pivot_retry_s)
+        except Exception as exc:  # the database is still away: the lease runs out instead
+            log.warning("could not release saga %s: %s", claim.saga_id, describe_error(exc))
 
     def drain(self, timeout_s: float = 60.0) -> None:
         """Run sagas in the calling thread until none is runnable (tests and one-shot runs)."""

@@ -355,18 +355,39 @@ def test_transient_failure__retried_then_succeeds_with_attempts_recorded(
     assert_valid_log(step_log, saga_id)
 
 
-def test_transient_failure__exhausting_retries_compensates(
-    step_log: StepLog, script: Script
+def test_transient_failure__exhausting_retries_defers_the_saga(
+    db: Database, step_log: StepLog, script: Script
 ) -> None:
+    # An outage must not turn a good ingestion into a compensated one: the saga is given back
+    # and retried later; only the poison limit turns it back.
     script.failures["a"] = [TransientError("down")] * 3
     saga_id = create(step_log)
     make_executor(step_log, script).drain()
 
     row = saga(step_log, saga_id)
+    assert row.status == SagaStatus.RUNNING
+    assert row.lease_owner is None and row.not_before is not None
+    assert step_statuses(step_log, saga_id)["a"] == "running"
+    assert script.journal == [("do", "a")] * 3
+
+    set_saga(db, saga_id, not_before=utcnow() - timedelta(seconds=1))
+    make_executor(step_log, script).drain()
+    assert saga(step_log, saga_id).status == SagaStatus.SUCCEEDED
+
+
+def test_transient_failure__outage_that_never_ends_is_compensated_as_poison(
+    db: Database, step_log: StepLog, script: Script
+) -> None:
+    script.failures["a"] = [TransientError("down")] * 1000
+    saga_id = create(step_log)
+    for _ in range(CONFIG.max_saga_attempts + 1):
+        make_executor(step_log, script).drain()
+        set_saga(db, saga_id, not_before=utcnow() - timedelta(seconds=1))
+
+    row = saga(step_log, saga_id)
     assert row.status == SagaStatus.COMPENSATED
-    assert row.error is not None and "a failed: TransientError" in row.error
-    assert script.journal == [("do", "a")] * 3 + [("undo", "a")]
-    assert step_statuses(step_log, saga_id)["b"] == "skipped"
+    assert row.error is not None and "poison" in row.error
+    assert ("undo", "a") in script.journal
 
 
 def test_check_before_run__succeeded_step_is_not_rerun_and_output_reused(
