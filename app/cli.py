@@ -14,7 +14,7 @@ from rich.console import Console
 
 from app.settings import get_settings
 
-cli = typer.Typer(no_args_is_help=True, add_completion=False,
+cli = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
                   help="Crash-safe lakehouse ingestion sagas (Bronze -> Silver -> Gold).")
 db_cli = typer.Typer(no_args_is_help=True, help="Saga database schema.")
 cli.add_typer(db_cli, name="db")

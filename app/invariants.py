@@ -32,8 +32,6 @@ from app.lakehouse.tables import bronze_table, gold_table, silver_table
 from app.saga.states import ALLOWED_SAGA_TRANSITIONS, SagaStatus
 from app.saga.step_log import utcnow
 
-_META = f"__ducklake_metadata_{LAKE}"
-
 
 @dataclass(frozen=True)
 class Violation:
@@ -178,13 +176,14 @@ class InvariantChecker:
             removed = cur.execute(f"CALL ducklake_delete_orphaned_files('{LAKE}', "
                                   "cleanup_all => true)").fetchall()
             report.stats["orphan_files_cleaned"] += len(removed)
+        meta = self.lake.metadata_prefix
         known = {Path(str(r[0])).name for r in cur.execute(
-            f"SELECT path FROM {_META}.ducklake_data_file UNION ALL "
-            f"SELECT path FROM {_META}.ducklake_delete_file UNION ALL "
-            f"SELECT path FROM {_META}.ducklake_files_scheduled_for_deletion").fetchall()}
+            f"SELECT path FROM {meta}.ducklake_data_file UNION ALL "
+            f"SELECT path FROM {meta}.ducklake_delete_file UNION ALL "
+            f"SELECT path FROM {meta}.ducklake_files_scheduled_for_deletion").fetchall()}
         live = {Path(str(r[0])).name for r in cur.execute(
-            f"SELECT path FROM {_META}.ducklake_data_file WHERE end_snapshot IS NULL UNION ALL "
-            f"SELECT path FROM {_META}.ducklake_delete_file WHERE end_snapshot IS NULL").fetchall()}
+            f"SELECT path FROM {meta}.ducklake_data_file WHERE end_snapshot IS NULL UNION ALL "
+            f"SELECT path FROM {meta}.ducklake_delete_file WHERE end_snapshot IS NULL").fetchall()}
         on_disk = {p.name: p for p in self.lake.data_path.rglob("*") if p.is_file()}
         report.stats["data_files"] = len(on_disk)
         for name, path in sorted(on_disk.items()):

@@ -209,6 +209,12 @@ class Service:
             raise Problem(404, "Saga not found", f"no saga with id {saga_id!r}")
         if row.status not in (SagaStatus.PENDING, SagaStatus.RUNNING):
             raise Problem(409, "Saga not cancellable", f"saga is {row.status}")
+        from app.lakehouse.ingestion import LakehouseIngestionSaga
+
+        pivot = next(s for s in self.log.steps(saga_id) if s.step == LakehouseIngestionSaga.pivot)
+        if pivot.status == "succeeded":
+            raise Problem(409, "Saga not cancellable",
+                          "the catalog is already updated (past the point of no return)")
         self.log.request_cancel(saga_id)
         if self.executor is not None:
             self.executor.wake()

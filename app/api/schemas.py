@@ -139,6 +139,7 @@ class ConsumerCreate(BaseModel):
     dataset: str = Field(pattern=r"^[a-z][a-z0-9_]{0,62}$")
     url: str = Field(min_length=8, max_length=2048, examples=["https://hooks.example.com/lake"])
     secret: str | None = Field(default=None, min_length=16, max_length=200,
+                               pattern=r"^[\x21-\x7e]+$",
                                description="HMAC key for `webhook-signature`; generated if omitted.")
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import duckdb
 
-from app.lakehouse.duck import first_row, lake_write, snapshot_of
+from app.lakehouse.duck import first_row, lake_write
 from app.lakehouse.pipeline import DatasetSpec, quote
 from app.lakehouse.tables import bronze_table
 from app.saga.errors import PermanentError
@@ -44,15 +44,18 @@ def verify_manifest(root: Path, manifest: dict[str, Any],
     (recorded by an earlier attempt of this step), or hashed now for the first time.
     """
     hashes: dict[str, str] = {}
+    root = root.resolve()
     for entry in manifest["files"]:
         path = root / entry["path"]
+        if not path.resolve().is_relative_to(root):
+            raise SourceChanged(f"source file {entry['path']} now resolves outside the source root")
         if not path.is_file():
             raise SourceChanged(f"source file {entry['path']} disappeared after the saga was accepted")
-        size = path.stat().st_size
-        if size != entry["size"]:
+        info = path.stat()
+        if info.st_size != entry["size"] or info.st_mtime != entry["mtime"]:
             raise SourceChanged(
                 f"source file {entry['path']} changed after the saga was accepted "
-                f"(size {entry['size']} -> {size})"
+                f"(size {entry['size']} -> {info.st_size})"
             )
         digest = sha256_file(path)
         expected = entry.get("sha256") or known_hashes.get(entry["path"])
@@ -87,8 +90,7 @@ def ingest(cur: duckdb.DuckDBPyConnection, spec: DatasetSpec, *, root: Path, fil
             f"SELECT count(*) FROM {target} WHERE _batch_id = ?", [saga_id]
         ))
     records = int(row[0]) if row else 0
-    return {"files": len(files), "records": records, "snapshot_id": snapshot_of(cur, tag),
-            "table": f"bronze.{spec.bronze_table}"}
+    return {"files": len(files), "records": records, "table": f"bronze.{spec.bronze_table}"}
 
 
 def delete_batch(cur: duckdb.DuckDBPyConnection, spec: DatasetSpec, *, saga_id: str,

@@ -15,7 +15,7 @@ from sqlalchemy import delete, select
 from app.db.models import CatalogPartitionRow
 from app.db.session import Database
 from app.faults import fault_point
-from app.saga.step_log import utcnow
+from app.saga.step_log import lock_owned, utcnow
 
 _FIELDS = ("table_name", "saga_id", "rows", "snapshot_id", "lineage")
 
@@ -40,13 +40,17 @@ def _as_dict(row: CatalogPartitionRow) -> dict[str, Any]:
 
 
 def replace_entries(db: Database, dataset: str, partition_date: date,
-                    entries: list[dict[str, Any]], *, point: str) -> None:
+                    entries: list[dict[str, Any]], *, point: str, saga_id: str,
+                    epoch: int) -> None:
     """Make the partition's catalog entries exactly ``entries`` (one transaction, idempotent).
 
-    ``point`` names the fault points ``<point>.before_commit`` and ``<point>.after_commit``.
+    The saga's epoch is checked (and its row locked) in the same transaction, so a worker that
+    lost the saga cannot write the catalog. ``point`` names the fault points
+    ``<point>.before_commit`` and ``<point>.after_commit``.
     """
     now = utcnow()
     with db.transaction() as s:
+        lock_owned(s, saga_id, epoch)
         s.execute(
             delete(CatalogPartitionRow).where(
                 CatalogPartitionRow.dataset == dataset,

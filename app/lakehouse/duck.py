@@ -12,6 +12,7 @@ import fcntl
 import importlib.util
 import json
 import os
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -80,12 +81,25 @@ def catalog_target(settings: Settings) -> tuple[str, str | None]:
     return f"sqlite:{settings.lake_dir / 'catalog.sqlite'}", None
 
 
+class LakeUnavailable(RuntimeError):
+    """The DuckLake catalog could not be attached (message already free of secrets)."""
+
+
+def redact_dsn(text: str) -> str:
+    """Hide ``password=...`` values of libpq connection strings in ``text``."""
+    return re.sub(r"(password=)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", text)
+
+
+def quote_identifier(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
 def _sql_string(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
 class WriteGuard:
-    """Serializes lake transactions when the DuckLake catalog is a SQLite file.
+    """Serializes lake work when the DuckLake catalog is a SQLite file (reentrant).
 
     A SQLite catalog takes its locks for the whole lake transaction; two writers (threads, or
     processes sharing the lake directory) then time out on each other's locks and both fail.
@@ -168,9 +182,16 @@ class Lake:
         options = [f"DATA_PATH {_sql_string(str(self.data_path) + '/')}"]
         if metadata_schema:
             options.append(f"METADATA_SCHEMA {_sql_string(metadata_schema)}")
-        self.con.execute(
-            f"ATTACH {_sql_string('ducklake:' + target)} AS {LAKE} ({', '.join(options)})"
-        )
+        try:
+            self.con.execute(
+                f"ATTACH {_sql_string('ducklake:' + target)} AS {LAKE} ({', '.join(options)})"
+            )
+        except duckdb.Error as exc:
+            # DuckDB repeats the connection string, password included, in its message.
+            raise LakeUnavailable(f"cannot attach the lake: {redact_dsn(str(exc))}") from None
+        #: Where DuckLake's own metadata tables can be queried (``<prefix>.ducklake_data_file``).
+        self.metadata_prefix = f"__ducklake_metadata_{LAKE}" + (
+            f".{quote_identifier(metadata_schema)}" if metadata_schema else "")
         self._local = threading.local()
         self._lock = threading.Lock()
         sqlite_catalog = target.startswith("sqlite:")

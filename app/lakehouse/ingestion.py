@@ -27,6 +27,7 @@ from app.lakehouse.tables import (
 )
 from app.notify.outbox import PARTITION_READY, enqueue_for_dataset
 from app.saga import PermanentError, Saga, StepContext, action, compensate
+from app.saga.definition import StepSpec
 from app.settings import Settings
 
 _TRANSIENT_MESSAGES = ("Failed to commit", "Could not connect", "Unable to connect",
@@ -58,6 +59,16 @@ class LakehouseIngestionSaga(Saga):
         if isinstance(exc, duckdb.Error) and any(m in str(exc) for m in _TRANSIENT_MESSAGES):
             return True
         return super().is_transient(exc)
+
+    def run_action(self, spec: StepSpec, ctx: StepContext) -> dict[str, Any]:
+        # On a SQLite lake catalog every lake read takes catalog locks too, so whole steps are
+        # serialized (across processes as well); on PostgreSQL the guard is a no-op.
+        with self.services.lake.write_guard:
+            return super().run_action(spec, ctx)
+
+    def run_compensation(self, spec: StepSpec, ctx: StepContext) -> dict[str, Any]:
+        with self.services.lake.write_guard:
+            return super().run_compensation(spec, ctx)
 
     def spec(self, ctx: StepContext) -> DatasetSpec:
         spec = self.services.datasets.get(ctx.dataset)
@@ -92,7 +103,8 @@ class LakehouseIngestionSaga(Saga):
             cur, spec, root=root, files=files, fmt=ctx.manifest["format"],
             partition_date=ctx.partition_date.isoformat(), saga_id=ctx.saga_id, tag=self._tag(ctx),
         )
-        return {**result, "batch_id": ctx.saga_id, "source": ctx.request["source"]["path"]}
+        return {**result, "snapshot_id": _snapshot(self.services.lake, self._tag(ctx)),
+                "batch_id": ctx.saga_id, "source": ctx.request["source"]["path"]}
 
     @compensate("ingest_to_bronze")
     def delete_bronze_partition(self, ctx: StepContext) -> dict[str, Any]:
@@ -145,7 +157,8 @@ class LakehouseIngestionSaga(Saga):
             ctx.save_checkpoint({"previous": current_entries(db, spec.name, ctx.partition_date)})
         ctx.ensure_owner()
         entries = self._catalog_entries(ctx, spec)
-        replace_entries(db, spec.name, ctx.partition_date, entries, point=ctx.step)
+        replace_entries(db, spec.name, ctx.partition_date, entries, point=ctx.step,
+                        saga_id=ctx.saga_id, epoch=ctx.epoch)
         registered = [f"{e['table_name']}/partition_date={ctx.partition_date}" for e in entries]
         return {"partitions_registered": registered}
 
@@ -155,7 +168,7 @@ class LakehouseIngestionSaga(Saga):
             return {"entries_restored": 0, "note": "the step never wrote: nothing to undo"}
         previous = ctx.checkpoint["previous"]
         replace_entries(self.services.db, ctx.dataset, ctx.partition_date, previous,
-                        point="unregister_partitions")
+                        point="unregister_partitions", saga_id=ctx.saga_id, epoch=ctx.epoch)
         return {"entries_restored": len(previous)}
 
     def _catalog_entries(self, ctx: StepContext, spec: DatasetSpec) -> list[dict[str, Any]]:
@@ -196,13 +209,16 @@ class LakehouseIngestionSaga(Saga):
                 "gold": ctx.outputs["aggregate_to_gold"]["aggregated_records"],
             },
         }
-        names = enqueue_for_dataset(self.services.db, ctx.saga_id, ctx.dataset, PARTITION_READY,
-                                    payload)
+        names = enqueue_for_dataset(self.services.db, ctx.saga_id, ctx.epoch, ctx.dataset,
+                                    PARTITION_READY, payload)
         return {"consumers_notified": len(names), "consumers": names}
 
 
-def _snapshot(lake: Lake, tag: str) -> int | None:
-    return snapshot_of(lake.cursor(), tag)
+def _snapshot(lake: Lake, tag: str) -> int:
+    """The snapshot the step's commit made; a commit that changed nothing (an empty batch, a
+    partition that stays empty) makes none, and the data is then as of the current one."""
+    found = snapshot_of(lake.cursor(), tag)
+    return found if found is not None else lake.current_snapshot()
 
 
 def _bronze_partition(cur: duckdb.DuckDBPyConnection, spec: DatasetSpec,

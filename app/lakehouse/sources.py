@@ -10,6 +10,7 @@ from typing import Any
 from app.lakehouse.bronze import sha256_file
 
 FORMATS = ("json", "csv", "parquet")
+_GLOB_CHARS = set("*?[]{}")
 
 
 class SourceError(ValueError):
@@ -40,15 +41,27 @@ def resolve_manifest(root: Path, pattern: str, fmt: str, *, max_files: int, max_
         raise SourceError("the source root does not exist on this server")
     files: list[dict[str, Any]] = []
     total = 0
-    for match in sorted(root.glob(pattern)):
-        resolved = match.resolve()
+    try:
+        matches = sorted(root.glob(pattern))
+    except (ValueError, IndexError) as exc:  # pathlib rejects some patterns this way
+        raise SourceError(f"source.path {pattern!r} is not a valid glob") from exc
+    for match in matches:
+        try:
+            resolved = match.resolve(strict=True)
+        except (OSError, RuntimeError) as exc:  # dangling link or a symlink loop
+            raise SourceError(f"{match.relative_to(root)} cannot be resolved") from exc
         if not resolved.is_relative_to(root):
-            raise SourceError(f"{match.relative_to(root)} resolves outside the source root")
+            # Name the link inside the root, never what lies outside it.
+            raise SourceError("source.path matches a symlink that leads outside the source root")
         info = resolved.stat()
         if stat.S_ISDIR(info.st_mode):
             continue
         if not stat.S_ISREG(info.st_mode):
             raise SourceError(f"{match.relative_to(root)} is not a regular file")
+        if _GLOB_CHARS & set(str(resolved.relative_to(root))):
+            # DuckDB expands file lists as globs: such a name would read other files.
+            raise SourceError(f"{match.relative_to(root)}: paths must not contain "
+                              "glob characters (* ? [ ] { })")
         total += info.st_size
         files.append({"path": str(resolved.relative_to(root)), "size": info.st_size,
                       "mtime": info.st_mtime})

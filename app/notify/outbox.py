@@ -13,7 +13,7 @@ from sqlalchemy import select
 from app.db.models import ConsumerRow, OutboxRow
 from app.db.session import Database
 from app.faults import fault_point
-from app.saga.step_log import utcnow
+from app.saga.step_log import lock_owned, utcnow
 
 PARTITION_READY = "partition.ready"
 
@@ -22,11 +22,15 @@ def idempotency_key(saga_id: str, consumer_id: str, event_type: str) -> str:
     return f"{saga_id}:{consumer_id}:{event_type}"
 
 
-def enqueue_for_dataset(db: Database, saga_id: str, dataset: str, event_type: str,
+def enqueue_for_dataset(db: Database, saga_id: str, epoch: int, dataset: str, event_type: str,
                         payload: dict[str, Any], *, point: str = "notify_downstream") -> list[str]:
-    """Queue ``payload`` for every consumer of ``dataset``; returns the consumer names."""
+    """Queue ``payload`` for every consumer of ``dataset``; returns the consumer names.
+
+    Fenced like every saga write: the saga's epoch is checked in the same transaction.
+    """
     now = utcnow()
     with db.transaction() as s:
+        lock_owned(s, saga_id, epoch)
         consumers = list(s.scalars(select(ConsumerRow).where(ConsumerRow.dataset == dataset)
                                    .order_by(ConsumerRow.name)))
         existing = set(s.scalars(select(OutboxRow.consumer_id).where(

@@ -8,6 +8,8 @@ import ipaddress
 import socket
 from urllib.parse import urlsplit
 
+import httpx
+
 
 class UnsafeUrl(ValueError):
     """The URL must not be used as a webhook target; the message is safe to show."""
@@ -22,10 +24,13 @@ def _is_public(address: str) -> bool:
 
 def check_webhook_url(url: str, allow_hosts: list[str], *, resolve: bool = True) -> str:
     """Return the URL if it may be called; raise UnsafeUrl otherwise."""
+    if not url.isascii() or not url.isprintable() or any(c.isspace() for c in url):
+        raise UnsafeUrl("webhook URL must be printable ASCII without spaces")
     try:
         parts = urlsplit(url)
         port = parts.port
-    except ValueError as exc:
+        httpx.URL(url)
+    except (ValueError, httpx.InvalidURL) as exc:
         raise UnsafeUrl(f"malformed URL: {exc}") from exc
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UnsafeUrl("webhook URL must be http(s) with a host")

@@ -42,7 +42,9 @@ class Dispatcher:
         self.allow_hosts = allow_hosts
         self.max_attempts = max_attempts
         self.poll_interval_s = poll_interval_s
-        self.lease_s = timeout_s * 3
+        self.timeout_s = timeout_s
+        # connect + response + a body read bounded by timeout_s each, with margin
+        self.lease_s = timeout_s * 4
         self.client = httpx.Client(timeout=httpx.Timeout(timeout_s), follow_redirects=False)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="webhooks", daemon=True)
@@ -107,12 +109,12 @@ class Dispatcher:
             with self.client.stream("POST", consumer.url, content=body, headers=headers) as resp:
                 status_code = resp.status_code
                 retry_after = _retry_after_s(resp.headers.get("retry-after"))
-                _drain_capped(resp)
+                _drain_capped(resp, deadline=time.monotonic() + self.timeout_s)
             error = None if 200 <= status_code < 300 else f"HTTP {status_code}"
             fault_point("webhook.after_send")
         except UnsafeUrl as exc:
             error = str(exc)
-        except httpx.HTTPError as exc:
+        except Exception as exc:  # any failure of one delivery must not stall the others
             error = f"{type(exc).__name__}"
         self._record(row, status_code, error, retry_after)
 
@@ -143,9 +145,11 @@ def _retry_after_s(value: str | None) -> float | None:
         return None
 
 
-def _drain_capped(resp: httpx.Response) -> None:
+def _drain_capped(resp: httpx.Response, deadline: float) -> None:
+    """Read (and discard) at most MAX_RESPONSE_BYTES, and stop at ``deadline``: a slow-drip
+    response must not hold the dispatcher."""
     read = 0
     for chunk in resp.iter_bytes():
         read += len(chunk)
-        if read >= MAX_RESPONSE_BYTES:
+        if read >= MAX_RESPONSE_BYTES or time.monotonic() > deadline:
             break

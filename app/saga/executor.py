@@ -41,7 +41,12 @@ class ExecutorConfig:
 
 
 def describe_error(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
+    """A one-line error for the log and the API: never SQL statements or bound parameters."""
+    from sqlalchemy.exc import StatementError
+
+    if isinstance(exc, StatementError) and exc.orig is not None:
+        exc = exc.orig
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return f"{type(exc).__name__}: {text}"[:2000]
 
 
@@ -71,7 +76,9 @@ class Heartbeat:
                 )
             except Exception as exc:  # the database may be restarting: keep trying until the lease ends
                 log.warning("heartbeat for %s failed: %s", self._claim.saga_id, describe_error(exc))
-                renewed = time.monotonic() < deadline
+                # Give up a third of a TTL early, so the step stops before another worker may
+                # claim the saga.
+                renewed = time.monotonic() < deadline - self._ttl_s / 3
                 if renewed:
                     continue
             if not renewed:
@@ -163,6 +170,11 @@ class SagaRunner:
                 outputs[spec.name] = row.output or {}
                 continue
             after_pivot = index > pivot_index
+            if not after_pivot and row.status == StepStatus.FAILED:
+                # The step failed but the process died before the saga turned back.
+                self.log.transition_saga(self.saga_id, self.epoch, SagaStatus.COMPENSATING,
+                                         error=f"{spec.name} failed: {row.error}")
+                return True
             if not after_pivot and self.log.cancel_requested(self.saga_id):
                 self.log.transition_saga(self.saga_id, self.epoch, SagaStatus.COMPENSATING,
                                          error="cancelled by request")

@@ -256,7 +256,7 @@ class StepLog:
             raise InvalidTransition(f"no transition leads to {target}")
         now = utcnow()
         with self.db.transaction() as s:
-            current = _lock_owned(s, saga_id, epoch)
+            current = lock_owned(s, saga_id, epoch)
             if target not in ALLOWED_SAGA_TRANSITIONS[SagaStatus(current)]:
                 raise InvalidTransition(f"saga {saga_id}: {current} -> {target}")
             values: dict[str, Any] = {"status": target.value, "updated_at": now}
@@ -285,7 +285,7 @@ class StepLog:
     ) -> None:
         """Move a step to ``target`` (compare-and-set on its current status and the epoch)."""
         with self.db.transaction() as s:
-            _lock_owned(s, saga_id, epoch)
+            lock_owned(s, saga_id, epoch)
             _cas(
                 s,
                 SagaStepRow,
@@ -299,7 +299,7 @@ class StepLog:
 
     def save_checkpoint(self, saga_id: str, epoch: int, step: str, data: dict[str, Any]) -> None:
         with self.db.transaction() as s:
-            _lock_owned(s, saga_id, epoch)
+            lock_owned(s, saga_id, epoch)
             s.execute(
                 update(SagaStepRow)
                 .where(SagaStepRow.saga_id == saga_id, SagaStepRow.step == step)
@@ -313,7 +313,7 @@ class StepLog:
         if not names:
             return
         with self.db.transaction() as s:
-            _lock_owned(s, saga_id, epoch)
+            lock_owned(s, saga_id, epoch)
             result = s.execute(
                 update(SagaStepRow)
                 .where(SagaStepRow.saga_id == saga_id, SagaStepRow.step.in_(names),
@@ -327,7 +327,7 @@ class StepLog:
         self, saga_id: str, epoch: int, kind: str, step: str | None, payload: dict[str, Any]
     ) -> None:
         with self.db.transaction() as s:
-            _lock_owned(s, saga_id, epoch)
+            lock_owned(s, saga_id, epoch)
             _append_event(s, saga_id, epoch, kind, step, payload)
 
     def retry_failed(self, saga_id: str) -> bool:
@@ -367,7 +367,7 @@ class StepLog:
             return row
 
 
-def _lock_owned(s: Session, saga_id: str, epoch: int) -> str:
+def lock_owned(s: Session, saga_id: str, epoch: int) -> str:
     """Touch the saga row under the caller's epoch (locking it) and return its status.
 
     Raises LostOwnership when a newer claim has superseded the epoch.
