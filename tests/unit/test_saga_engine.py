@@ -437,6 +437,29 @@ def test_crash_recovery__expired_claim_is_reclaimed_and_running_step_rerun(
     assert_valid_log(step_log, saga_id)
 
 
+def test_crash_recovery__step_failed_before_saga_turned_back_is_compensated_not_rerun(
+    db: Database, step_log: StepLog, script: Script
+) -> None:
+    # The worker recorded "a failed" and died before moving the saga to compensating.
+    saga_id = create(step_log)
+    dead = step_log.claim_next("dead-worker", lease_ttl_s=30)
+    assert dead is not None
+    step_log.update_step(saga_id, dead.epoch, "a", StepStatus.RUNNING, kind="step_started",
+                         values={"attempt": 1, "started_at": utcnow()}, payload={"attempt": 1})
+    step_log.update_step(saga_id, dead.epoch, "a", StepStatus.FAILED, kind="step_failed",
+                         values={"error": "PermanentError: bad input"}, payload={})
+    expire_lease(db, saga_id)
+
+    make_executor(step_log, script, name="rescuer").drain()
+
+    row = saga(step_log, saga_id)
+    assert row.status == SagaStatus.COMPENSATED
+    assert row.error is not None and "a failed: PermanentError: bad input" in row.error
+    assert script.done() == []
+    assert ("undo", "a") in script.journal
+    assert_valid_log(step_log, saga_id)
+
+
 def test_crash_recovery__live_lease_is_not_reclaimed(step_log: StepLog, script: Script) -> None:
     saga_id = create(step_log)
     assert step_log.claim_next("holder", lease_ttl_s=30) is not None
