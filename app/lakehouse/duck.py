@@ -167,42 +167,59 @@ class Lake:
         self.settings = settings
         self.data_path = settings.lake_dir / "data"
         self.data_path.mkdir(parents=True, exist_ok=True)
-        config: dict[str, str | int] = {
-            "autoinstall_known_extensions": "false",
-            "autoload_known_extensions": "false",
-        }
-        if settings.duckdb_memory_limit:
-            config["memory_limit"] = settings.duckdb_memory_limit
-        if settings.duckdb_threads:
-            config["threads"] = settings.duckdb_threads
-        self.con = duckdb.connect(config=config)  # type: ignore[arg-type]
-        for name in ("ducklake", "sqlite_scanner", "postgres_scanner"):
-            load_extension(self.con, name)
-        target, metadata_schema = catalog_target(settings)
-        options = [f"DATA_PATH {_sql_string(str(self.data_path) + '/')}"]
-        if metadata_schema:
-            options.append(f"METADATA_SCHEMA {_sql_string(metadata_schema)}")
-        try:
-            self.con.execute(
-                f"ATTACH {_sql_string('ducklake:' + target)} AS {LAKE} ({', '.join(options)})"
-            )
-        except duckdb.Error as exc:
-            # DuckDB repeats the connection string, password included, in its message.
-            raise LakeUnavailable(f"cannot attach the lake: {redact_dsn(str(exc))}") from None
+        self._target, metadata_schema = catalog_target(settings)
+        self._metadata_schema = metadata_schema
         #: Where DuckLake's own metadata tables can be queried (``<prefix>.ducklake_data_file``).
         self.metadata_prefix = f"__ducklake_metadata_{LAKE}" + (
             f".{quote_identifier(metadata_schema)}" if metadata_schema else "")
         self._local = threading.local()
         self._lock = threading.Lock()
-        sqlite_catalog = target.startswith("sqlite:")
+        self._generation = 0
+        sqlite_catalog = self._target.startswith("sqlite:")
         self.write_guard = WriteGuard(settings.lake_dir / ".write.lock" if sqlite_catalog else None)
+        self.con = self._connect()
+
+    def _connect(self) -> duckdb.DuckDBPyConnection:
+        config: dict[str, str | int] = {
+            "autoinstall_known_extensions": "false",
+            "autoload_known_extensions": "false",
+        }
+        if self.settings.duckdb_memory_limit:
+            config["memory_limit"] = self.settings.duckdb_memory_limit
+        if self.settings.duckdb_threads:
+            config["threads"] = self.settings.duckdb_threads
+        con = duckdb.connect(config=config)  # type: ignore[arg-type]
+        for name in ("ducklake", "sqlite_scanner", "postgres_scanner"):
+            load_extension(con, name)
+        options = [f"DATA_PATH {_sql_string(str(self.data_path) + '/')}"]
+        if self._metadata_schema:
+            options.append(f"METADATA_SCHEMA {_sql_string(self._metadata_schema)}")
+        try:
+            con.execute(
+                f"ATTACH {_sql_string('ducklake:' + self._target)} AS {LAKE} ({', '.join(options)})"
+            )
+        except duckdb.Error as exc:
+            con.close()
+            # DuckDB repeats the connection string, password included, in its message.
+            raise LakeUnavailable(f"cannot attach the lake: {redact_dsn(str(exc))}") from None
+        return con
+
+    def reset(self) -> None:
+        """Replace a DuckDB instance that a fatal error invalidated (seen when PostgreSQL dies
+        mid-query); every thread gets a fresh cursor on its next ``cursor()``."""
+        with self._lock:
+            old, self.con = self.con, self._connect()
+            self._generation += 1
+        with contextlib.suppress(duckdb.Error):
+            old.close()
 
     def cursor(self) -> duckdb.DuckDBPyConnection:
         """This thread's cursor (DuckDB connections are not shared across threads)."""
         cur = getattr(self._local, "cursor", None)
-        if cur is None:
+        if cur is None or self._local.generation != self._generation:
             with self._lock:
                 cur = self.con.cursor()
+                self._local.generation = self._generation
             _GUARDS[id(cur)] = self.write_guard
             self._local.cursor = cur
         return cur

@@ -7,6 +7,8 @@ compensations restore the partition to it; ``update_catalog`` is the pivot.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date
 from typing import Any
@@ -26,13 +28,15 @@ from app.lakehouse.tables import (
     silver_table,
 )
 from app.notify.outbox import PARTITION_READY, enqueue_for_dataset
-from app.saga import PermanentError, Saga, StepContext, action, compensate
+from app.saga import PermanentError, Saga, StepContext, TransientError, action, compensate
 from app.saga.definition import StepSpec
 from app.settings import Settings
 
 _TRANSIENT_MESSAGES = ("Failed to commit", "Could not connect", "Unable to connect",
                        "server closed the connection", "database is locked", "Connection refused",
-                       "Failed to query most recent snapshot")
+                       "Failed to query most recent snapshot", "no connection to the server",
+                       "terminating connection", "the database system is", "Failed to prepare",
+                       "Failed to get global stats")
 
 
 @dataclass
@@ -63,12 +67,21 @@ class LakehouseIngestionSaga(Saga):
     def run_action(self, spec: StepSpec, ctx: StepContext) -> dict[str, Any]:
         # On a SQLite lake catalog every lake read takes catalog locks too, so whole steps are
         # serialized (across processes as well); on PostgreSQL the guard is a no-op.
-        with self.services.lake.write_guard:
+        with self.services.lake.write_guard, self._recovering_lake():
             return super().run_action(spec, ctx)
 
     def run_compensation(self, spec: StepSpec, ctx: StepContext) -> dict[str, Any]:
-        with self.services.lake.write_guard:
+        with self.services.lake.write_guard, self._recovering_lake():
             return super().run_compensation(spec, ctx)
+
+    @contextmanager
+    def _recovering_lake(self) -> Iterator[None]:
+        """A fatal DuckDB error invalidates the whole instance: rebuild it, retry the step."""
+        try:
+            yield
+        except (duckdb.FatalException, duckdb.InternalException) as exc:
+            self.services.lake.reset()
+            raise TransientError(f"lake connection rebuilt after: {exc}") from exc
 
     def spec(self, ctx: StepContext) -> DatasetSpec:
         spec = self.services.datasets.get(ctx.dataset)

@@ -338,12 +338,14 @@ class StepLog:
         """
         now = utcnow()
         with self.db.transaction() as s:
+            earlier = s.scalar(select(SagaRow.error).where(SagaRow.id == saga_id))
             row = s.execute(
                 update(SagaRow)
                 .where(SagaRow.id == saga_id, SagaRow.status == SagaStatus.FAILED.value)
                 .values(status=SagaStatus.COMPENSATING.value, attempts=0, lease_owner=None,
                         lease_expires_at=None, not_before=None, finished_at=None,
-                        updated_at=now)
+                        updated_at=now,
+                        error=f"retried by an operator after: {earlier}"[:4000])
                 .returning(SagaRow.epoch)
             ).first()
             if row is None:
