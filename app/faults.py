@@ -74,7 +74,8 @@ class FaultPlan:
         if fault.action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         elif fault.action == "stop":
-            os.kill(os.getpid(), signal.SIGSTOP)
+            # Aimed at this thread so that the process stops here, not a moment later.
+            signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
         elif fault.action == "sleep":
             time.sleep(fault.argument / 1000)
         else:

@@ -49,7 +49,8 @@ class Service:
         configure_faults(settings.faults, settings.fault_trace)
         if settings.auto_migrate:
             upgrade(settings.database_url)
-        self.db = Database(settings.database_url)
+        self.db = Database(settings.database_url,
+                           idle_in_transaction_timeout_s=settings.lease_ttl_s)
         self.log = StepLog(self.db)
         self.executor: Executor | None = None
         self._dispatcher: Any = None

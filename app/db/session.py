@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
@@ -24,7 +25,7 @@ def normalize_url(url: str) -> str:
     return url
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, idle_in_transaction_timeout_s: float | None = None) -> Engine:
     url = normalize_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -33,7 +34,14 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
         _configure_sqlite(engine)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    connect_args: dict[str, Any] = {}
+    if idle_in_transaction_timeout_s:
+        # A worker paused inside a transaction (a zombie) holds the saga row lock, and claims
+        # skip locked rows: let the server end such sessions once the lease has run out.
+        ms = int(idle_in_transaction_timeout_s * 1000)
+        connect_args["options"] = f"-c idle_in_transaction_session_timeout={ms}"
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20,
+                         connect_args=connect_args)
 
 
 def _configure_sqlite(engine: Engine) -> None:
@@ -56,9 +64,10 @@ def _configure_sqlite(engine: Engine) -> None:
 class Database:
     """One engine and session factory per process and URL."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, idle_in_transaction_timeout_s: float | None = None) -> None:
         self.url = normalize_url(url)
-        self.engine = make_engine(self.url)
+        self.engine = make_engine(self.url,
+                                  idle_in_transaction_timeout_s=idle_in_transaction_timeout_s)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @property

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ _EXTENSION_WHEELS = {
     "sqlite_scanner": "duckdb_extension_sqlite_scanner",
 }
 LAKE = "lake"
+_ATTACH_ATTEMPTS = 5
 
 
 def extension_path(name: str) -> Path | None:
@@ -194,15 +196,21 @@ class Lake:
         options = [f"DATA_PATH {_sql_string(str(self.data_path) + '/')}"]
         if self._metadata_schema:
             options.append(f"METADATA_SCHEMA {_sql_string(self._metadata_schema)}")
-        try:
-            con.execute(
-                f"ATTACH {_sql_string('ducklake:' + self._target)} AS {LAKE} ({', '.join(options)})"
-            )
-        except duckdb.Error as exc:
-            con.close()
-            # DuckDB repeats the connection string, password included, in its message.
-            raise LakeUnavailable(f"cannot attach the lake: {redact_dsn(str(exc))}") from None
-        return con
+        attach = f"ATTACH {_sql_string('ducklake:' + self._target)} AS {LAKE} ({', '.join(options)})"
+        for attempt in range(1, _ATTACH_ATTEMPTS + 1):
+            try:
+                con.execute(attach)
+                return con
+            except duckdb.Error as exc:
+                # Workers starting together on a new catalog race to create its metadata
+                # tables; the loser succeeds on a retry.
+                if attempt == _ATTACH_ATTEMPTS:
+                    con.close()
+                    # DuckDB repeats the connection string, password included, in its message.
+                    raise LakeUnavailable(
+                        f"cannot attach the lake: {redact_dsn(str(exc))}") from None
+                time.sleep(0.2 * attempt)
+        raise AssertionError("unreachable")
 
     def reset(self) -> None:
         """Replace a DuckDB instance that a fatal error invalidated (seen when PostgreSQL dies

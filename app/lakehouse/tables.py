@@ -52,17 +52,26 @@ def ensure_tables(cur: duckdb.DuckDBPyConnection, spec: DatasetSpec) -> None:
     for layer in LAYERS:
         cur.execute(f"CREATE SCHEMA IF NOT EXISTS {LAKE}.{quote(layer)}")
     for name, columns in layouts.items():
-        exists = first_row(cur.execute(
-            "SELECT count(*) FROM duckdb_tables() WHERE database_name = ? "
-            "AND schema_name || '.' || table_name = ?",
-            [LAKE, name.split(".", 1)[1].replace('"', "")],
-        ))
-        if exists and exists[0]:
+        if _table_exists(cur, name):
             continue
         cols = ", ".join(f"{quote(n)} {t}" for n, t in [("partition_date", "DATE"), *columns])
-        with lake_write(cur, '{"step": "create_table"}', f"create {name}"):
-            cur.execute(f"CREATE TABLE IF NOT EXISTS {name} ({cols})")
-            cur.execute(f"ALTER TABLE {name} SET PARTITIONED BY (partition_date)")
+        try:
+            with lake_write(cur, '{"step": "create_table"}', f"create {name}"):
+                cur.execute(f"CREATE TABLE IF NOT EXISTS {name} ({cols})")
+                cur.execute(f"ALTER TABLE {name} SET PARTITIONED BY (partition_date)")
+        except duckdb.TransactionException:
+            # Another worker created it at the same moment; a real failure shows next time.
+            if not _table_exists(cur, name):
+                raise
+
+
+def _table_exists(cur: duckdb.DuckDBPyConnection, name: str) -> bool:
+    row = first_row(cur.execute(
+        "SELECT count(*) FROM duckdb_tables() WHERE database_name = ? "
+        "AND schema_name || '.' || table_name = ?",
+        [LAKE, name.split(".", 1)[1].replace('"', "")],
+    ))
+    return bool(row and row[0])
 
 
 def replace_partition(cur: duckdb.DuckDBPyConnection, target: str, partition_date: str,
