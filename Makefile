@@ -16,9 +16,11 @@ lint:
 bench:
 	$(PYTHON) dev.py bench
 
-# Placeholder until the chaos suite exists; then: $(PYTHON) dev.py test -m chaos
+# Repeated SIGKILLs of real workers on PostgreSQL (127.0.0.1:5432), judged by the invariant
+# checker; see docs/RELIABILITY.md. Takes about half an hour; CHAOS_ARGS e.g. "--random-kills 50".
 chaos:
-	@echo "chaos tests: not yet written" >&2; exit 1
+	$(PYTHON) dev.py setup
+	.venv/bin/python scripts/chaos.py $(CHAOS_ARGS)
 
 # dev.py prints its progress to stderr, so only the spec lands in the file.
 openapi:
