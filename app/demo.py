@@ -23,6 +23,7 @@ from rich.console import Console
 
 from app.lakehouse.duck import first_row
 from app.lakehouse.generator import generate_clickstream
+from app.lakehouse.ingestion import LakehouseIngestionSaga
 from app.lakehouse.tables import LAYERS, layer_table
 from app.main import create_app
 from app.service import Service
@@ -199,12 +200,8 @@ def _print_compensation(saga: dict[str, Any]) -> None:
     console.print(f"Notifications sent: {len(saga['deliveries'])}")
 
 
-_COMPENSATION_NAMES = {
-    "ingest_to_bronze": "delete_bronze_partition",
-    "process_to_silver": "delete_silver_partition",
-    "aggregate_to_gold": "delete_gold_partition",
-    "update_catalog": "unregister_partitions",
-}
+#: step -> the name of its compensation, as the saga definition declares it
+_COMPENSATION_NAMES = {s.name: s.compensation for s in LakehouseIngestionSaga.steps if s.compensation}
 
 
 def _lake_counts(service: Service) -> dict[str, int]:

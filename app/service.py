@@ -21,6 +21,7 @@ from app.db.session import Database
 from app.errors import Problem
 from app.faults import configure_faults
 from app.lakehouse.catalog import current_entries
+from app.lakehouse.ingestion import LakehouseIngestionSaga
 from app.lakehouse.pipeline import DatasetSpec, load_datasets
 from app.lakehouse.sources import SourceError, resolve_manifest
 from app.notify.outbox import deliveries_for_saga
@@ -63,7 +64,7 @@ class Service:
     def start_workers(self) -> None:
         """Attach the lake and start the executor and webhook dispatcher in this process."""
         from app.lakehouse.duck import Lake
-        from app.lakehouse.ingestion import LakehouseIngestionSaga, LakehouseServices
+        from app.lakehouse.ingestion import LakehouseServices
         from app.lakehouse.tables import ensure_tables
         from app.notify.webhooks import Dispatcher
 
@@ -137,8 +138,6 @@ class Service:
         except OSError as exc:
             raise Problem(422, "Invalid source",
                           f"source could not be read: {exc.strerror or type(exc).__name__}") from exc
-        from app.lakehouse.ingestion import LakehouseIngestionSaga
-
         row, created = self.log.create_saga(NewSaga(
             id=str(uuid.uuid4()), definition=DEFINITION, dataset=spec.name,
             partition_date=partition_date, request=body, manifest=manifest,
@@ -210,8 +209,6 @@ class Service:
             raise Problem(404, "Saga not found", f"no saga with id {saga_id!r}")
         if row.status not in (SagaStatus.PENDING, SagaStatus.RUNNING):
             raise Problem(409, "Saga not cancellable", f"saga is {row.status}")
-        from app.lakehouse.ingestion import LakehouseIngestionSaga
-
         pivot = next(s for s in self.log.steps(saga_id) if s.step == LakehouseIngestionSaga.pivot)
         if pivot.status == "succeeded":
             raise Problem(409, "Saga not cancellable",

@@ -42,6 +42,20 @@ def lakesaga_bin() -> str:
     return found
 
 
+def stop_process(proc: subprocess.Popen[Any], timeout_s: float, *, resume: bool = False) -> int:
+    """Graceful stop (SIGTERM, as an orchestrator would), SIGKILL if it hangs; ``resume`` first
+    sends SIGCONT, for a process that may be paused."""
+    if proc.poll() is None:
+        if resume:
+            proc.send_signal(signal.SIGCONT)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return int(proc.wait(timeout=30))
+
+
 def tail_of(path: Path, lines: int = 40) -> str:
     try:
         text = path.read_text(errors="replace")
@@ -123,12 +137,7 @@ class Worker:
         return code
 
     def stop(self, timeout_s: float = 20) -> int:
-        """Graceful stop (SIGTERM), SIGKILL if it hangs."""
-        if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
-            if self.wait_exit(timeout_s) is None:
-                self.proc.kill()
-        code = self.proc.wait(timeout=30)
+        code = stop_process(self.proc, timeout_s)
         self.handle.close()
         return code
 

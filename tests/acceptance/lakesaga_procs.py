@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import os
-import shutil
-import signal
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +12,9 @@ from typing import Any
 
 import httpx
 import pytest
+from cluster import lakesaga_bin, stop_process
+
+__all__ = ["lakesaga_bin"]  # re-exported for the test modules
 
 PARTITION = "2026-01-06"
 SAGA_REQUEST = {
@@ -23,16 +23,6 @@ SAGA_REQUEST = {
     "source": {"path": f"clickstream/{PARTITION}/*.ndjson", "format": "json"},
 }
 TERMINAL = ("succeeded", "compensated", "failed")
-
-
-def lakesaga_bin() -> str:
-    candidate = Path(sys.executable).parent / "lakesaga"
-    if candidate.exists():
-        return str(candidate)
-    found = shutil.which("lakesaga")
-    if found is None:
-        pytest.fail("the lakesaga console script is not installed next to the test interpreter")
-    return found
 
 
 def clean_env(**overrides: str) -> dict[str, str]:
@@ -150,11 +140,4 @@ class Server:
                     f"{self.tail()}")
 
     def stop(self, timeout_s: float = 20) -> None:
-        """Graceful stop (SIGTERM, as an orchestrator would), SIGKILL if it hangs."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_process(self.proc, timeout_s)

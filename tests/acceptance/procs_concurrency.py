@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cluster import stop_process
 from lakesaga_procs import TERMINAL, clean_env, lakesaga_bin, tail_of
 
 BASE_DAY = date(2026, 1, 6)
@@ -105,16 +106,7 @@ class Worker:
                  self.tail)
 
     def stop(self, timeout_s: float = 30) -> int:
-        """Graceful stop (SIGCONT in case it is paused, then SIGTERM); SIGKILL if it hangs."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        return int(self.proc.returncode)
+        return stop_process(self.proc, timeout_s, resume=True)
 
 
 #: ``lakesaga worker`` with one change to the fault mechanism: ``stop`` stops the *calling
