@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import duckdb
 
-from app.lakehouse.duck import LAKE, first_row, lake_write
+from app.lakehouse.duck import LAKE, first_row, lake_write, rollback_quietly
 from app.lakehouse.pipeline import DatasetSpec, quote
 
 LAYERS = ("bronze", "silver", "gold")
@@ -50,7 +50,15 @@ def ensure_tables(cur: duckdb.DuckDBPyConnection, spec: DatasetSpec) -> None:
         gold_table(spec): GOLD_COLUMNS,
     }
     for layer in LAYERS:
-        cur.execute(f"CREATE SCHEMA IF NOT EXISTS {LAKE}.{quote(layer)}")
+        try:
+            cur.execute(f"CREATE SCHEMA IF NOT EXISTS {LAKE}.{quote(layer)}")
+        except duckdb.TransactionException:
+            # Another worker created it at the same moment (same race as the tables below).
+            rollback_quietly(cur)
+            row = first_row(cur.execute("SELECT count(*) FROM duckdb_schemas() "
+                                        "WHERE database_name = ? AND schema_name = ?", [LAKE, layer]))
+            if not (row and row[0]):
+                raise
     for name, columns in layouts.items():
         if _table_exists(cur, name):
             continue
