@@ -7,17 +7,22 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
 from app.settings import get_settings
 
+if TYPE_CHECKING:
+    from app.db.session import Database
+
 cli = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
                   help="Crash-safe lakehouse ingestion sagas (Bronze -> Silver -> Gold).")
 db_cli = typer.Typer(no_args_is_help=True, help="Saga database schema.")
 cli.add_typer(db_cli, name="db")
+keys_cli = typer.Typer(no_args_is_help=True, help="API keys for the HTTP API (Bearer tokens).")
+cli.add_typer(keys_cli, name="keys")
 console = Console(highlight=False, soft_wrap=True)
 
 
@@ -64,6 +69,77 @@ def db_upgrade(revision: str = "head") -> None:
 
     upgrade(get_settings().database_url, revision)
     console.print(f"database at {revision}")
+
+
+def _database() -> Database:
+    from app.db.migrate import upgrade
+    from app.db.session import Database
+
+    settings = get_settings()
+    if settings.auto_migrate:
+        upgrade(settings.database_url)
+    return Database(settings.database_url)
+
+
+@keys_cli.command("create")
+def keys_create(
+    name: Annotated[str, typer.Argument(help="Who the key is for, e.g. 'airflow-prod'.")],
+    scope: Annotated[list[str], typer.Option(
+        help="read (GETs), write (submit/cancel/retry sagas, includes read) or admin "
+             "(consumers, includes both); repeat for several.")] = ["read"],  # noqa: B006
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Create a key and print its token. The token is shown only now; only its hash is kept."""
+    import json
+
+    from app.auth import InvalidKey, create_key
+
+    db = _database()
+    try:
+        token, key = create_key(db, name, scope)
+    except InvalidKey as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    finally:
+        db.dispose()
+    if as_json:
+        sys.stdout.write(json.dumps({**key, "token": token}) + "\n")
+        return
+    console.print(f"key {key['id']} ({name}, scopes {', '.join(key['scopes'])}); token, shown once:")
+    sys.stdout.write(token + "\n")
+
+
+@keys_cli.command("list")
+def keys_list() -> None:
+    """List keys (never their tokens)."""
+    from app.auth import list_keys
+
+    db = _database()
+    try:
+        keys = list_keys(db)
+    finally:
+        db.dispose()
+    for key in keys:
+        state = f"revoked {key['revoked_at']}" if key["revoked_at"] else "active"
+        console.print(f"{key['id']}  {key['name']:<24} {','.join(key['scopes']):<18} "
+                      f"created {key['created_at']}  {state}")
+    if not keys:
+        console.print("no keys; create one with `lakesaga keys create NAME --scope write`")
+
+
+@keys_cli.command("revoke")
+def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key id from `keys list`.")]) -> None:
+    """Revoke a key; requests with it are refused from now on."""
+    from app.auth import revoke_key
+
+    db = _database()
+    try:
+        revoked = revoke_key(db, key_id)
+    finally:
+        db.dispose()
+    if not revoked:
+        console.print(f"no active key {key_id!r}")
+        raise typer.Exit(1)
+    console.print(f"key {key_id} revoked")
 
 
 @cli.command()

@@ -21,6 +21,7 @@ import httpx
 import uvicorn
 from rich.console import Console
 
+from app.auth import create_key
 from app.lakehouse.duck import first_row
 from app.lakehouse.generator import generate_clickstream
 from app.lakehouse.ingestion import LakehouseIngestionSaga
@@ -86,7 +87,10 @@ def run_demo(workdir: Path, *, fail_at: str | None, records: int, keep: bool) ->
     try:
         while not server.started:
             time.sleep(0.02)
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as api:
+        # The API needs a key even here: the demo makes itself a local admin key.
+        token, _ = create_key(service.db, "demo", ["admin"])
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30,
+                          headers={"Authorization": f"Bearer {token}"}) as api:
             return _drive(api, service, receiver, fail_at)
     finally:
         server.should_exit = True

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import __version__
-from app.api.problems import install_problem_handlers
+from app.api.deps import READ
+from app.api.problems import install_problem_handlers, problem_response
 from app.api.routes import consumers, datasets, health, sagas
 from app.api.schemas import ProblemDetail
+from app.auth import list_keys
+from app.errors import Problem
 from app.service import Service
 from app.settings import Settings, get_settings
+
+log = logging.getLogger("lakesaga.api")
 
 
 def _operation_id(route: APIRoute) -> str:
@@ -32,6 +39,9 @@ def create_app(settings: Settings | None = None, *, run_workers: bool = True,
         if owned and run_workers:
             svc.start_workers()
         app.state.service = svc
+        if not list_keys(svc.db):
+            log.warning("no API keys exist yet: every request but /healthz and /readyz will "
+                        "get 401; create one with `lakesaga keys create NAME --scope write`")
         try:
             yield
         finally:
@@ -42,14 +52,78 @@ def create_app(settings: Settings | None = None, *, run_workers: bool = True,
         title="lakesaga",
         version=__version__,
         summary="Crash-safe lakehouse ingestion: Bronze -> Silver -> Gold as durable sagas.",
+        description=API_DESCRIPTION,
         lifespan=lifespan,
         generate_unique_id_function=_operation_id,
+        # Every route but health needs a key, the schema included; no browser UI is served.
+        openapi_url=None, docs_url=None, redoc_url=None,
     )
     install_problem_handlers(app)
     for module in (sagas, datasets, consumers, health):
         app.include_router(module.router)
+    app.add_api_route("/openapi.json", lambda: app.openapi(), include_in_schema=False,
+                      dependencies=[READ], name="openapi")
     _document_problems(app)
+    max_bytes = (settings or (service.settings if service else get_settings())).max_request_bytes
+    app.add_middleware(BodyLimit, max_bytes=max_bytes)
     return app
+
+
+API_DESCRIPTION = """Every operation except `/healthz` and `/readyz` needs an API key (`Authorization: Bearer
+lsk_...`, created with `lakesaga keys create`). Scopes: `read` for GETs, `write` to submit,
+cancel and retry sagas, `admin` to manage consumers; `write` includes `read`, `admin` includes
+both. Errors are `application/problem+json` (RFC 9457). Limits: request bodies over
+`LAKESAGA_MAX_REQUEST_BYTES` are 413; each key has a request rate and a number of unfinished
+sagas it may have (429 with `Retry-After`). `POST /sagas` honours `Idempotency-Key`.
+"""
+
+
+class BodyLimit:
+    """Refuse request bodies larger than ``max_bytes`` with 413, whether or not they declare a
+    Content-Length; the body is read (up to the limit) before the app sees it."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        too_large = Problem(413, "Request too large",
+                            f"request bodies are limited to {self.max_bytes} bytes")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await self._refuse(scope, receive, send, too_large if declared.isdigit() else Problem(
+                400, "Malformed request", "invalid Content-Length"))
+            return
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_bytes:
+                await self._refuse(scope, receive, send, too_large)
+                return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _refuse(scope: Scope, receive: Receive, send: Send, problem: Problem) -> None:
+        from starlette.requests import Request
+
+        response = problem_response(Request(scope), problem)
+        response.headers["Connection"] = "close"
+        await response(scope, receive, send)
 
 
 def _document_problems(app: FastAPI) -> None:

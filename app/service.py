@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import and_, delete, or_, select
 from sqlalchemy.exc import IntegrityError
 
+from app.auth import RateLimiter
 from app.db.migrate import upgrade
 from app.db.models import ConsumerRow, SagaRow, SagaStepRow
 from app.db.session import Database
@@ -29,7 +30,7 @@ from app.notify.urls import UnsafeUrl, check_webhook_url
 from app.saga.executor import Executor, ExecutorConfig
 from app.saga.retry import RetryPolicy
 from app.saga.states import SagaStatus
-from app.saga.step_log import NewSaga, StepLog, rowcount, utcnow
+from app.saga.step_log import ActiveLimitReached, NewSaga, StepLog, rowcount, utcnow
 from app.settings import Settings
 
 log = logging.getLogger("lakesaga.service")
@@ -53,6 +54,7 @@ class Service:
         self.db = Database(settings.database_url,
                            idle_in_transaction_timeout_s=settings.lease_ttl_s)
         self.log = StepLog(self.db)
+        self.rate_limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
         self.executor: Executor | None = None
         self._dispatcher: Any = None
         self._lake: Any = None
@@ -114,8 +116,10 @@ class Service:
                           f"dataset {name!r} is not configured; known: {sorted(self.datasets)}")
         return spec
 
-    def submit(self, body: dict[str, Any], idempotency_key: str | None) -> tuple[dict[str, Any], bool]:
-        """Validate, freeze the source manifest, and persist a pending saga.
+    def submit(self, body: dict[str, Any], idempotency_key: str | None, *,
+               owner: str = "") -> tuple[dict[str, Any], bool]:
+        """Validate, freeze the source manifest, and persist a pending saga for ``owner`` (the
+        API key id; idempotency keys are scoped to it, and so is the active-saga limit).
 
         Returns (saga resource, created). Nothing is written unless the request is valid.
         """
@@ -123,7 +127,7 @@ class Service:
         partition_date = date.fromisoformat(body["partition_date"])
         print_fp = fingerprint(body)
         if idempotency_key is not None:
-            existing = self.log.find_by_idempotency_key(idempotency_key)
+            existing = self.log.find_by_idempotency_key(owner, idempotency_key)
             if existing is not None:
                 return self._replay(existing, print_fp), False
         source = body["source"]
@@ -138,12 +142,16 @@ class Service:
         except OSError as exc:
             raise Problem(422, "Invalid source",
                           f"source could not be read: {exc.strerror or type(exc).__name__}") from exc
-        row, created = self.log.create_saga(NewSaga(
-            id=str(uuid.uuid4()), definition=DEFINITION, dataset=spec.name,
-            partition_date=partition_date, request=body, manifest=manifest,
-            request_fingerprint=print_fp, idempotency_key=idempotency_key,
-            steps=LakehouseIngestionSaga.step_names(),
-        ))
+        try:
+            row, created = self.log.create_saga(NewSaga(
+                id=str(uuid.uuid4()), definition=DEFINITION, dataset=spec.name,
+                partition_date=partition_date, request=body, manifest=manifest,
+                request_fingerprint=print_fp, idempotency_key=idempotency_key,
+                steps=LakehouseIngestionSaga.step_names(), owner=owner,
+            ), max_active=s.max_active_sagas_per_key if owner else 0)
+        except ActiveLimitReached as exc:
+            raise Problem(429, "Too many active sagas", f"{exc}; wait for some to finish",
+                          headers={"Retry-After": "5"}) from exc
         if not created:
             return self._replay(row, print_fp), False
         if self.executor is not None:

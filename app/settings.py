@@ -64,6 +64,13 @@ class Settings(BaseSettings):
     webhook_timeout_s: float = Field(default=5.0, gt=0)
     webhook_max_attempts: int = Field(default=8, ge=1)
 
+    #: API limits: request body size (413), requests per second and burst per API key in each
+    #: process (429 with Retry-After; 0 = no limit), and unfinished sagas per key (429).
+    max_request_bytes: int = Field(default=64 * 1024, ge=1024)
+    rate_limit_per_s: float = Field(default=100.0, ge=0)
+    rate_limit_burst: int = Field(default=200, ge=1)
+    max_active_sagas_per_key: int = Field(default=100, ge=0)
+
     #: Run ``alembic upgrade head`` when the service starts.
     auto_migrate: bool = True
     log_level: str = "INFO"

@@ -1,13 +1,23 @@
-"""Dependencies of the routes, as Annotated aliases."""
+"""Dependencies of the routes, as Annotated aliases: the service, the caller's API key (with the
+scope the route needs and its rate limit), and the Idempotency-Key header."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from app.auth import Principal, authenticate
 from app.errors import Problem
 from app.service import Service
+
+#: Documents the scheme in OpenAPI; errors are raised by ``require`` as problem+json.
+bearer = HTTPBearer(auto_error=False, scheme_name="apiKey",
+                    description="An API key from `lakesaga keys create`: "
+                                "`Authorization: Bearer lsk_<id>_<secret>`.")
 
 
 def get_service(request: Request) -> Service:
@@ -15,15 +25,48 @@ def get_service(request: Request) -> Service:
     return service
 
 
+ServiceDep = Annotated[Service, Depends(get_service)]
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+
+
+def require(scope: str) -> Callable[..., Principal]:
+    """A dependency admitting callers whose key holds ``scope``, within their rate limit."""
+
+    def caller(service: ServiceDep, credentials: Credentials) -> Principal:
+        principal = authenticate(service.db, credentials.credentials) if credentials else None
+        if principal is None:
+            raise Problem(401, "Unauthorized", "a valid API key is required: "
+                          "Authorization: Bearer <key> (create one with `lakesaga keys create`)",
+                          headers={"WWW-Authenticate": "Bearer"})
+        if not principal.allows(scope):
+            raise Problem(403, "Forbidden", f"this API key lacks the {scope!r} scope",
+                          headers={"WWW-Authenticate":
+                                   f'Bearer error="insufficient_scope", scope="{scope}"'})
+        wait_s = service.rate_limiter.take(principal.key_id)
+        if wait_s is not None:
+            raise Problem(429, "Too many requests", "this API key is over its rate limit",
+                          headers={"Retry-After": str(max(1, math.ceil(wait_s)))})
+        return principal
+
+    caller.__name__ = f"require_{scope}"
+    return caller
+
+
 def idempotency_key(
-    key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=255,
-                                      description="Same key + same body returns the same saga; "
-                                                  "same key + different body is 422.")] = None,
+    key: Annotated[str | None, Header(
+        alias="Idempotency-Key", max_length=255,
+        description="Makes the POST safe to retry: the same key with the same body returns the "
+                    "saga the first request created (`Idempotent-Replayed: true`); the same key "
+                    "with a different body is 422. Keys are scoped to the calling API key and "
+                    "kept as long as the saga. Printable ASCII, at most 255 characters.")] = None,
 ) -> str | None:
     if key is not None and (not key or not key.isprintable() or not key.isascii()):
         raise Problem(400, "Invalid Idempotency-Key", "Idempotency-Key must be printable ASCII")
     return key
 
 
-ServiceDep = Annotated[Service, Depends(get_service)]
+require_read, require_write, require_admin = (require(s) for s in ("read", "write", "admin"))
+#: For ``dependencies=[...]`` of routes that only need the check.
+READ, WRITE, ADMIN = (Depends(r) for r in (require_read, require_write, require_admin))
+WriteKey = Annotated[Principal, Depends(require_write)]
 IdempotencyKeyDep = Annotated[str | None, Depends(idempotency_key)]

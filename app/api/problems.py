@@ -21,9 +21,13 @@ PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
              "content": {MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/ProblemDetail"}}}}
     for status, text in [
         (400, "Malformed request"),
+        (401, "Missing, malformed, unknown or revoked API key (`WWW-Authenticate: Bearer`)"),
+        (403, "The API key lacks the scope this operation needs"),
         (404, "Not found"),
         (409, "Conflict with the resource's state"),
+        (413, "Request body larger than LAKESAGA_MAX_REQUEST_BYTES"),
         (422, "Invalid request body, source or idempotency key reuse"),
+        (429, "Rate limit or active-saga limit of the API key reached; see `Retry-After`"),
         (503, "The saga database is unavailable; retry later"),
     ]
 }
@@ -31,7 +35,7 @@ PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 def problem_response(request: Request, problem: Problem) -> JSONResponse:
     return JSONResponse(problem.body(request.url.path), status_code=problem.status,
-                        media_type=MEDIA_TYPE)
+                        media_type=MEDIA_TYPE, headers=problem.headers)
 
 
 def _validation_detail(exc: RequestValidationError) -> str:
@@ -54,7 +58,8 @@ def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
         title = {404: "Not found", 405: "Method not allowed"}.get(exc.status_code, "HTTP error")
-        return problem_response(request, Problem(exc.status_code, title, str(exc.detail)))
+        return problem_response(request, Problem(exc.status_code, title, str(exc.detail),
+                                                 headers=dict(exc.headers or {})))
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(InterfaceError)

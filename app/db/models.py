@@ -43,7 +43,10 @@ class SagaRow(Base):
     status: Mapped[str] = mapped_column(String(20), default=SagaStatus.PENDING.value)
     request: Mapped[dict[str, Any]] = mapped_column(JsonType)
     manifest: Mapped[dict[str, Any]] = mapped_column(JsonType)
-    idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True)
+    #: The API key that submitted the saga ('' when submitted in-process, e.g. by the CLI).
+    owner: Mapped[str] = mapped_column(String(36), default="", server_default="")
+    #: Unique per owner: two callers may use the same Idempotency-Key independently.
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
     request_fingerprint: Mapped[str] = mapped_column(String(64))
     lease_owner: Mapped[str | None] = mapped_column(String(200))
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime())
@@ -63,6 +66,8 @@ class SagaRow(Base):
         Index("ix_sagas_claim", "status", "lease_expires_at"),
         Index("ix_sagas_partition", "dataset", "partition_date", "status"),
         Index("ix_sagas_created", "created_at", "id"),
+        Index("ix_sagas_owner_status", "owner", "status"),
+        UniqueConstraint("owner", "idempotency_key", name="uq_sagas_owner_idempotency_key"),
     )
 
 
@@ -148,6 +153,19 @@ class OutboxRow(Base):
         Index("ix_outbox_due", "status", "next_attempt_at"),
         Index("ix_outbox_saga", "saga_id"),
     )
+
+
+class ApiKeyRow(Base):
+    __tablename__ = "api_keys"
+
+    #: Public part of the token (``lsk_<id>_<secret>``).
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+    #: SHA-256 (hex) of the secret part; the secret itself is never stored.
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    scopes: Mapped[list[str]] = mapped_column(JsonType)
+    created_at: Mapped[datetime] = mapped_column(DateTime())
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime())
 
 
 class CatalogPartitionRow(Base):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Result, and_, exists, func, insert, or_, select, update
+from sqlalchemy import CursorResult, Result, and_, exists, func, insert, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
@@ -70,21 +70,33 @@ class NewSaga:
     request_fingerprint: str
     idempotency_key: str | None
     steps: list[str]
+    #: Who submitted it (an API key id; '' in-process). Idempotency keys are unique per owner.
+    owner: str = ""
+
+
+class ActiveLimitReached(Exception):
+    """The owner already has as many unfinished sagas as it may."""
+
+
+ACTIVE = (SagaStatus.PENDING.value, SagaStatus.RUNNING.value, SagaStatus.COMPENSATING.value)
 
 
 class StepLog:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    def create_saga(self, new: NewSaga) -> tuple[SagaRow, bool]:
+    def create_saga(self, new: NewSaga, max_active: int = 0) -> tuple[SagaRow, bool]:
         """Insert the saga, its steps and its first event. Returns (row, created).
 
         With an idempotency key already used, returns the existing saga (created=False); the
-        caller compares fingerprints.
+        caller compares fingerprints. With ``max_active``, raises ActiveLimitReached if the
+        owner already has that many unfinished sagas (checked under a per-owner lock).
         """
         now = utcnow()
         try:
             with self.db.transaction() as s:
+                if max_active:
+                    self._check_active(s, new.owner, max_active)
                 row = SagaRow(
                     id=new.id,
                     definition=new.definition,
@@ -93,6 +105,7 @@ class StepLog:
                     status=SagaStatus.PENDING.value,
                     request=new.request,
                     manifest=new.manifest,
+                    owner=new.owner,
                     idempotency_key=new.idempotency_key,
                     request_fingerprint=new.request_fingerprint,
                     epoch=0,
@@ -116,14 +129,24 @@ class StepLog:
         except IntegrityError:
             if new.idempotency_key is None:
                 raise
-            existing = self.find_by_idempotency_key(new.idempotency_key)
+            existing = self.find_by_idempotency_key(new.owner, new.idempotency_key)
             if existing is None:
                 raise
             return existing, False
 
-    def find_by_idempotency_key(self, key: str) -> SagaRow | None:
+    def _check_active(self, s: Session, owner: str, max_active: int) -> None:
+        if self.db.is_postgres:  # SQLite already serializes writers (BEGIN IMMEDIATE)
+            s.execute(text("SELECT pg_advisory_xact_lock(hashtext(:owner))"), {"owner": owner})
+        active = s.scalar(select(func.count()).select_from(SagaRow)
+                          .where(SagaRow.owner == owner, SagaRow.status.in_(ACTIVE)))
+        if (active or 0) >= max_active:
+            raise ActiveLimitReached(f"{active} sagas of this key are unfinished "
+                                     f"(limit {max_active})")
+
+    def find_by_idempotency_key(self, owner: str, key: str) -> SagaRow | None:
         with self.db.sessions() as s:
-            return s.scalars(select(SagaRow).where(SagaRow.idempotency_key == key)).first()
+            return s.scalars(select(SagaRow).where(SagaRow.owner == owner,
+                                                   SagaRow.idempotency_key == key)).first()
 
     def get(self, saga_id: str) -> SagaRow | None:
         with self.db.sessions() as s:

@@ -19,6 +19,7 @@ import pytest
 from lakesaga_live import Live, Received, WebhookReceiver, serve
 
 import app.faults
+from app.auth import create_key
 from app.service import Service
 from app.settings import Settings
 
@@ -39,9 +40,11 @@ def live_factory(database_url: str, settings_factory: Callable[..., Settings],
         except BaseException:
             service.close()
             raise
-        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+        token, _ = create_key(service.db, "tests", ["admin"])
+        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30,
+                              headers={"Authorization": f"Bearer {token}"})
         live = Live(client=client, service=service, settings=settings, server=server,
-                    thread=thread)
+                    thread=thread, token=token)
         started.append(live)
         return live
 

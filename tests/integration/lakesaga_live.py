@@ -43,6 +43,8 @@ class Live:
     settings: Settings
     server: uvicorn.Server
     thread: threading.Thread
+    #: The admin API key the client sends.
+    token: str = ""
     stopped: bool = False
 
     @property

@@ -6,30 +6,30 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 
-from app.api.deps import ServiceDep
+from app.api.deps import ADMIN, READ, ServiceDep
 from app.api.problems import PROBLEM_RESPONSES
 from app.api.schemas import Consumer, ConsumerCreate, ConsumerCreated
 
 router = APIRouter(prefix="/consumers", tags=["consumers"], responses=PROBLEM_RESPONSES)
 
 
-@router.post("", status_code=201, response_model=ConsumerCreated)
+@router.post("", status_code=201, response_model=ConsumerCreated, dependencies=[ADMIN])
 def create_consumer(body: ConsumerCreate, service: ServiceDep, response: Response) -> dict:
-    """Register a webhook for a dataset; the URL must not point inside the network."""
+    """Register a webhook for a dataset (scope `admin`); the URL must not point inside the network."""
     consumer = service.add_consumer(body.model_dump())
     response.headers["Location"] = f"/consumers/{consumer['id']}"
     return consumer
 
 
-@router.get("", response_model=list[Consumer])
+@router.get("", response_model=list[Consumer], dependencies=[READ])
 def list_consumers(service: ServiceDep,
                    dataset: Annotated[str | None, Query(max_length=63)] = None) -> list[dict]:
     """Registered consumers (secrets are never returned)."""
     return service.consumers(dataset)
 
 
-@router.delete("/{consumer_id}", status_code=204)
+@router.delete("/{consumer_id}", status_code=204, dependencies=[ADMIN])
 def delete_consumer(consumer_id: str, service: ServiceDep) -> Response:
-    """Unregister a consumer."""
+    """Unregister a consumer (scope `admin`)."""
     service.remove_consumer(consumer_id)
     return Response(status_code=204)

@@ -6,20 +6,21 @@ from datetime import date
 
 from fastapi import APIRouter
 
-from app.api.deps import ServiceDep
+from app.api.deps import READ, ServiceDep
 from app.api.problems import PROBLEM_RESPONSES
 from app.api.schemas import Dataset, Partition
 
 router = APIRouter(prefix="/datasets", tags=["datasets"], responses=PROBLEM_RESPONSES)
 
 
-@router.get("", response_model=list[Dataset])
+@router.get("", response_model=list[Dataset], dependencies=[READ])
 def list_datasets(service: ServiceDep) -> list[dict]:
     """Configured datasets: columns, rules, aggregations and their lake tables."""
     return service.dataset_list()
 
 
-@router.get("/{name}/partitions/{partition_date}", response_model=Partition)
+@router.get("/{name}/partitions/{partition_date}", response_model=Partition,
+            dependencies=[READ])
 def get_partition(name: str, partition_date: date, service: ServiceDep) -> dict:
     """One partition per layer: rows, lake snapshot, the saga that wrote it, and lineage."""
     return service.partition(name, partition_date)

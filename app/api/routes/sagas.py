@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 
-from app.api.deps import IdempotencyKeyDep, ServiceDep
+from app.api.deps import READ, WRITE, IdempotencyKeyDep, ServiceDep, WriteKey
 from app.api.problems import PROBLEM_RESPONSES
 from app.api.schemas import EventPage, Saga, SagaCreate, SagaPage
 
@@ -17,17 +17,20 @@ SagaStatusFilter = Query(pattern="^(pending|running|succeeded|compensating|compe
 
 
 @router.post("", status_code=202, response_model=Saga)
-def create_saga(body: SagaCreate, service: ServiceDep, key: IdempotencyKeyDep,
+def create_saga(body: SagaCreate, service: ServiceDep, caller: WriteKey, key: IdempotencyKeyDep,
                 response: Response) -> dict:
-    """Accept an ingestion: resolve and freeze the source files, then run it as a saga."""
-    saga, created = service.submit(body.model_dump(mode="json"), key)
+    """Accept an ingestion: resolve and freeze the source files, then run it as a saga.
+
+    Scope `write`. With an `Idempotency-Key`, retrying the request is safe (see the header).
+    """
+    saga, created = service.submit(body.model_dump(mode="json"), key, owner=caller.key_id)
     response.headers["Location"] = f"/sagas/{saga['id']}"
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
     return saga
 
 
-@router.get("", response_model=SagaPage)
+@router.get("", response_model=SagaPage, dependencies=[READ])
 def list_sagas(
     service: ServiceDep,
     status: Annotated[str | None, SagaStatusFilter] = None,
@@ -41,13 +44,13 @@ def list_sagas(
                               limit=limit, cursor=cursor)
 
 
-@router.get("/{saga_id}", response_model=Saga)
+@router.get("/{saga_id}", response_model=Saga, dependencies=[READ])
 def get_saga(saga_id: str, service: ServiceDep) -> dict:
     """A saga with its steps, metrics, compensations and webhook deliveries."""
     return service.saga(saga_id)
 
 
-@router.get("/{saga_id}/events", response_model=EventPage)
+@router.get("/{saga_id}/events", response_model=EventPage, dependencies=[READ])
 def get_saga_events(
     saga_id: str,
     service: ServiceDep,
@@ -58,13 +61,13 @@ def get_saga_events(
     return service.events(saga_id, after, limit)
 
 
-@router.post("/{saga_id}/cancel", status_code=202, response_model=Saga)
+@router.post("/{saga_id}/cancel", status_code=202, response_model=Saga, dependencies=[WRITE])
 def cancel_saga(saga_id: str, service: ServiceDep) -> dict:
     """Ask a pending or running saga to stop and compensate; 409 when it is past that."""
     return service.cancel(saga_id)
 
 
-@router.post("/{saga_id}/retry", status_code=202, response_model=Saga)
+@router.post("/{saga_id}/retry", status_code=202, response_model=Saga, dependencies=[WRITE])
 def retry_saga(saga_id: str, service: ServiceDep) -> dict:
     """Resume the compensation of a `failed` saga once its cause is fixed; 409 otherwise."""
     return service.retry(saga_id)

@@ -1,0 +1,136 @@
+"""API keys and per-key rate limits.
+
+A key is ``lsk_<id>_<secret>``: the id is public (it names the key in listings and logs), the
+secret is 256 random bits. Only the SHA-256 of the secret is stored, and it is compared with
+``hmac.compare_digest``. A slow password hash (bcrypt, argon2) buys nothing for a random
+256-bit secret and would cost milliseconds on every request.
+
+Scopes: ``read`` (GET), ``write`` (submit, cancel, retry sagas), ``admin`` (consumers, i.e.
+where the service sends data). ``write`` includes ``read``; ``admin`` includes both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select, update
+
+from app.db.models import ApiKeyRow
+from app.db.session import Database
+from app.saga.step_log import rowcount, utcnow
+
+SCOPES = ("read", "write", "admin")
+_IMPLIED = {"read": {"read"}, "write": {"read", "write"}, "admin": {"read", "write", "admin"}}
+_TOKEN = re.compile(r"lsk_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
+#: Compared against when the key id is unknown, so that the answer takes the same time.
+_DUMMY_HASH = hashlib.sha256(b"no such key").hexdigest()
+
+
+class InvalidKey(ValueError):
+    """A key could not be created or changed; the message is safe to show."""
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The caller a valid key identifies."""
+
+    key_id: str
+    name: str
+    scopes: frozenset[str]
+
+    def allows(self, scope: str) -> bool:
+        return scope in self.scopes
+
+
+def _hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def effective_scopes(scopes: list[str]) -> frozenset[str]:
+    granted: set[str] = set()
+    for scope in scopes:
+        granted |= _IMPLIED.get(scope, set())
+    return frozenset(granted)
+
+
+def create_key(db: Database, name: str, scopes: list[str]) -> tuple[str, dict[str, Any]]:
+    """Create a key; returns (token, listing). The token is shown once and never stored."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,99}", name):
+        raise InvalidKey("key name: 1-100 letters, digits, '_', '.', '@' or '-'")
+    unknown = sorted(set(scopes) - set(SCOPES))
+    if not scopes or unknown:
+        raise InvalidKey(f"scopes must be a non-empty subset of {', '.join(SCOPES)}")
+    key_id, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
+    row = ApiKeyRow(id=key_id, name=name, secret_hash=_hash(secret),
+                    scopes=sorted(set(scopes)), created_at=utcnow())
+    with db.transaction() as s:
+        s.add(row)
+    return f"lsk_{key_id}_{secret}", key_view(row)
+
+
+def list_keys(db: Database) -> list[dict[str, Any]]:
+    with db.sessions() as s:
+        return [key_view(r) for r in s.scalars(select(ApiKeyRow).order_by(ApiKeyRow.created_at))]
+
+
+def revoke_key(db: Database, key_id: str) -> bool:
+    """Revoke a key at once (the next request with it is refused). False if unknown/revoked."""
+    with db.transaction() as s:
+        result = s.execute(update(ApiKeyRow)
+                           .where(ApiKeyRow.id == key_id, ApiKeyRow.revoked_at.is_(None))
+                           .values(revoked_at=utcnow()))
+    return rowcount(result) == 1
+
+
+def authenticate(db: Database, token: str) -> Principal | None:
+    """The principal of a valid, unrevoked token; None for anything else."""
+    match = _TOKEN.fullmatch(token)
+    if match is None:
+        return None
+    key_id, secret = match.groups()
+    with db.sessions() as s:
+        row = s.get(ApiKeyRow, key_id)
+    stored = row.secret_hash if row is not None else _DUMMY_HASH
+    if not hmac.compare_digest(stored, _hash(secret)) or row is None or row.revoked_at:
+        return None
+    return Principal(key_id=row.id, name=row.name, scopes=effective_scopes(row.scopes))
+
+
+def key_view(row: ApiKeyRow) -> dict[str, Any]:
+    return {"id": row.id, "name": row.name, "scopes": row.scopes,
+            "created_at": _iso(row.created_at), "revoked_at": _iso(row.revoked_at)}
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() + "Z" if value else None
+
+
+class RateLimiter:
+    """A token bucket per key, in this process: ``rate`` requests/s, bursts up to ``burst``."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = rate, max(1, burst)
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, key: str) -> float | None:
+        """Spend one token; None if allowed, else the seconds until one is available."""
+        if self.rate <= 0:
+            return None
+        now = time.monotonic()
+        with self._lock:
+            tokens, last = self._buckets.get(key, (float(self.burst), now))
+            tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+            if tokens < 1:
+                self._buckets[key] = (tokens, now)
+                return (1 - tokens) / self.rate
+            self._buckets[key] = (tokens - 1, now)
+            return None
