@@ -1,6 +1,10 @@
 """Outbox delivery: signed webhook POSTs (Standard Webhooks headers), at least once, with
 exponential backoff and jitter, honouring ``Retry-After``, dead-lettered after a limit.
 
+Every attempt re-checks the URL and connects to an address that check resolved (pinned, with the
+original ``Host`` header and TLS server name), never to a second DNS answer. Redirects are not
+followed: a 3xx is a failed attempt.
+
 A row is leased by pushing its ``next_attempt_at`` forward before the call, so several
 dispatchers (threads or processes) never deliver the same row at the same time.
 """
@@ -13,9 +17,11 @@ import hmac
 import json
 import logging
 import random
+import ssl
 import threading
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
 
 import httpx
 from sqlalchemy import select, update
@@ -23,11 +29,12 @@ from sqlalchemy import select, update
 from app.db.models import ConsumerRow, OutboxRow
 from app.db.session import Database
 from app.faults import fault_point
-from app.notify.urls import UnsafeUrl, check_webhook_url
+from app.notify.urls import UnsafeUrl, WebhookTarget, resolve_webhook_target
 from app.saga.step_log import utcnow
 
 log = logging.getLogger("lakesaga.webhooks")
 MAX_RESPONSE_BYTES = 64 * 1024
+MAX_RETRY_AFTER_S = 3600.0
 
 
 def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
@@ -35,9 +42,26 @@ def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(mac.digest()).decode()
 
 
+def pinned_request(client: httpx.Client, target: WebhookTarget, address: str | None,
+                   body: bytes, headers: dict[str, str]) -> httpx.Request:
+    """A POST to ``address`` (one of the target's checked addresses) that the server and TLS
+    still see as addressed to the URL's host; ``address=None`` lets httpx resolve the host."""
+    url = httpx.URL(target.url)
+    extensions: dict[str, str] = {}
+    if address is not None and address != target.host:
+        headers = {**headers, "host": url.netloc.decode("ascii")}
+        if url.scheme == "https":
+            # httpcore's connection reads this extension as the TLS server_hostname, so SNI and
+            # certificate verification use the real host while the socket goes to ``address``.
+            extensions["sni_hostname"] = target.host
+        url = url.copy_with(host=address)
+    return client.build_request("POST", url, content=body, headers=headers, extensions=extensions)
+
+
 class Dispatcher:
     def __init__(self, db: Database, *, allow_hosts: list[str], timeout_s: float,
-                 max_attempts: int, poll_interval_s: float = 0.5) -> None:
+                 max_attempts: int, poll_interval_s: float = 0.5,
+                 verify: ssl.SSLContext | bool = True) -> None:
         self.db = db
         self.allow_hosts = allow_hosts
         self.max_attempts = max_attempts
@@ -45,7 +69,12 @@ class Dispatcher:
         self.timeout_s = timeout_s
         # connect + response + a body read bounded by timeout_s each, with margin
         self.lease_s = timeout_s * 4
-        self.client = httpx.Client(timeout=httpx.Timeout(timeout_s), follow_redirects=False)
+        # No proxies from the environment (a proxy would resolve the name itself and drop the TLS
+        # server name) and no kept-alive connections (a pooled connection is keyed by address,
+        # so it could carry another host's request over a TLS session verified for the first).
+        self.client = httpx.Client(timeout=httpx.Timeout(timeout_s), follow_redirects=False,
+                                   trust_env=False, verify=verify,
+                                   limits=httpx.Limits(max_keepalive_connections=0))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="webhooks", daemon=True)
 
@@ -54,7 +83,8 @@ class Dispatcher:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=10)
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
         self.client.close()
 
     def _loop(self) -> None:
@@ -95,7 +125,7 @@ class Dispatcher:
         status_code: int | None = None
         retry_after: float | None = None
         try:
-            check_webhook_url(consumer.url, self.allow_hosts)
+            target = resolve_webhook_target(consumer.url, self.allow_hosts)
             body = json.dumps(row.payload, sort_keys=True).encode()
             timestamp = int(time.time())
             headers = {
@@ -106,17 +136,37 @@ class Dispatcher:
                 "user-agent": "lakesaga-webhooks",
             }
             fault_point("webhook.before_send")
-            with self.client.stream("POST", consumer.url, content=body, headers=headers) as resp:
+            resp = self._send(target, body, headers)
+            try:
                 status_code = resp.status_code
                 retry_after = _retry_after_s(resp.headers.get("retry-after"))
                 _drain_capped(resp, deadline=time.monotonic() + self.timeout_s)
-            error = None if 200 <= status_code < 300 else f"HTTP {status_code}"
+            finally:
+                resp.close()
+            if 200 <= status_code < 300:
+                error = None
+            elif 300 <= status_code < 400:
+                error = f"HTTP {status_code} (redirects are not followed)"
+            else:
+                error = f"HTTP {status_code}"
             fault_point("webhook.after_send")
         except UnsafeUrl as exc:
             error = str(exc)
         except Exception as exc:  # any failure of one delivery must not stall the others
             error = f"{type(exc).__name__}"
         self._record(row, status_code, error, retry_after)
+
+    def _send(self, target: WebhookTarget, body: bytes, headers: dict[str, str]) -> httpx.Response:
+        """Send to the first checked address that accepts the connection (in resolver order)."""
+        addresses: tuple[str | None, ...] = target.addresses or (None,)
+        for address in addresses[:-1]:
+            try:
+                return self.client.send(pinned_request(self.client, target, address, body, headers),
+                                        stream=True)
+            except httpx.ConnectError:
+                continue
+        return self.client.send(pinned_request(self.client, target, addresses[-1], body, headers),
+                                stream=True)
 
     def _record(self, row: OutboxRow, status_code: int | None, error: str | None,
                 retry_after: float | None) -> None:
@@ -136,13 +186,23 @@ class Dispatcher:
             s.execute(update(OutboxRow).where(OutboxRow.id == row.id).values(**values))
 
 
-def _retry_after_s(value: str | None) -> float | None:
+def _retry_after_s(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header: delay-seconds or an HTTP-date (RFC 9110),
+    bounded to [0, MAX_RETRY_AFTER_S]; None if absent or unparseable."""
     if value is None:
         return None
-    try:
-        return min(3600.0, max(0.0, float(value)))
-    except ValueError:
-        return None
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        seconds = float(value)
+    else:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+        if when.tzinfo is None:  # "-0000" or no zone: HTTP-dates are always GMT
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - (now or datetime.now(UTC))).total_seconds()
+    return min(MAX_RETRY_AFTER_S, max(0.0, seconds))
 
 
 def _drain_capped(resp: httpx.Response, deadline: float) -> None:
