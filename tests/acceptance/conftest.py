@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lakesaga_procs import PARTITION, Server, clean_env, free_port, lakesaga_bin
+from lakesaga_procs import PARTITION, Server, api_token, clean_env, free_port, lakesaga_bin
 
 
 @pytest.fixture
@@ -29,12 +29,13 @@ def launch(tmp_path: Path) -> Iterator[Callable[[str, dict[str, str]], Server]]:
         out, err = logs / f"{name}.stdout.log", logs / f"{name}.stderr.log"
         out_f, err_f = out.open("wb"), err.open("wb")
         handles.extend([out_f, err_f])
+        token = api_token(env["LAKESAGA_DATABASE_URL"])  # migrates before the server does
         port = free_port()
         proc = subprocess.Popen(
             [lakesaga_bin(), "serve", "--host", "127.0.0.1", "--port", str(port)],
             env=env, cwd=tmp_path, stdout=out_f, stderr=err_f, stdin=subprocess.DEVNULL,
         )
-        server = Server(name, proc, port, out, err)
+        server = Server(name, proc, port, out, err, token)
         servers.append(server)
         return server
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import subprocess
@@ -79,15 +80,31 @@ class Deployment:
                         lake_dir=self.lake_dir, faults="")
 
 
+@functools.cache
+def api_token(database_url: str) -> str:
+    """An admin API key in the deployment's saga database (migrated first), made once."""
+    from app.auth import create_key
+    from app.db.migrate import upgrade
+    from app.db.session import Database
+
+    upgrade(database_url)
+    db = Database(database_url)
+    try:
+        return create_key(db, "acceptance-tests", ["admin"])[0]
+    finally:
+        db.dispose()
+
+
 @dataclass
 class Server:
-    """A ``lakesaga serve`` subprocess."""
+    """A ``lakesaga serve`` subprocess; ``client()`` sends an admin key of its database."""
 
     name: str
     proc: subprocess.Popen[bytes]
     port: int
     stdout: Path
     stderr: Path
+    token: str
     started_at: float = field(default_factory=time.monotonic)
 
     @property
@@ -99,7 +116,8 @@ class Server:
                 f"{tail_of(self.stdout)}\n{tail_of(self.stderr)}")
 
     def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.base_url, timeout=15)
+        return httpx.Client(base_url=self.base_url, timeout=15,
+                            headers={"Authorization": f"Bearer {self.token}"})
 
     def wait_healthy(self, timeout_s: float = 30) -> float:
         """Wait for GET /healthz; returns seconds since launch."""

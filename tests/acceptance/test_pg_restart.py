@@ -184,7 +184,7 @@ def test_pg_restart__sagas_finish_and_api_degrades_to_503(
     stale_503s = 0
     states_at_outage: list[dict[str, int]] = []
 
-    with httpx.Client(base_url=server.base_url, timeout=10) as api:
+    with server.client() as api:
         for day in BATCHES[0]:
             saga_ids.append(_submit_retrying(api, day)[0])
         for round_no in range(1, OUTAGES + 1):
