@@ -16,18 +16,28 @@ from app.errors import Problem
 log = logging.getLogger("lakesaga.api")
 MEDIA_TYPE = "application/problem+json"
 
+_HEADERS = {
+    401: {"WWW-Authenticate": "`Bearer`"},
+    403: {"WWW-Authenticate": "`Bearer error=\"insufficient_scope\", scope=\"<needed>\"`"},
+    429: {"Retry-After": "Seconds to wait before trying again"},
+    503: {"Retry-After": "Seconds to wait before trying again"},
+}
+
 PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"description": text,
-             "content": {MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/ProblemDetail"}}}}
+             "content": {MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/ProblemDetail"}}},
+             **({"headers": {name: {"description": about, "schema": {"type": "string"}}
+                             for name, about in _HEADERS[status].items()}}
+                if status in _HEADERS else {})}
     for status, text in [
-        (400, "Malformed request"),
-        (401, "Missing, malformed, unknown or revoked API key (`WWW-Authenticate: Bearer`)"),
+        (400, "Malformed request (e.g. an invalid `Idempotency-Key` or cursor)"),
+        (401, "Missing, malformed, unknown or revoked API key"),
         (403, "The API key lacks the scope this operation needs"),
         (404, "Not found"),
         (409, "Conflict with the resource's state"),
         (413, "Request body larger than LAKESAGA_MAX_REQUEST_BYTES"),
-        (422, "Invalid request body, source or idempotency key reuse"),
-        (429, "Rate limit or active-saga limit of the API key reached; see `Retry-After`"),
+        (422, "Invalid request body or source, or an `Idempotency-Key` reused with another body"),
+        (429, "Rate limit or active-saga limit of the API key reached"),
         (503, "The saga database is unavailable; retry later"),
     ]
 }

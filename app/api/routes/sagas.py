@@ -16,7 +16,13 @@ router = APIRouter(prefix="/sagas", tags=["sagas"], responses=PROBLEM_RESPONSES)
 SagaStatusFilter = Query(pattern="^(pending|running|succeeded|compensating|compensated|failed)$")
 
 
-@router.post("", status_code=202, response_model=Saga)
+@router.post("", status_code=202, response_model=Saga, responses={202: {
+    "description": "Accepted (or, with a known Idempotency-Key, the saga it created)",
+    "headers": {
+        "Location": {"description": "`/sagas/{id}`", "schema": {"type": "string"}},
+        "Idempotent-Replayed": {"description": "`true` when an earlier request with this "
+                                "Idempotency-Key created the saga", "schema": {"type": "string"}},
+    }}})
 def create_saga(body: SagaCreate, service: ServiceDep, caller: WriteKey, key: IdempotencyKeyDep,
                 response: Response) -> dict:
     """Accept an ingestion: resolve and freeze the source files, then run it as a saga.
