@@ -60,7 +60,8 @@ def get_saga(saga_id: str, service: ServiceDep) -> dict:
 def get_saga_events(
     saga_id: str,
     service: ServiceDep,
-    after: Annotated[int, Query(ge=0)] = 0,
+    # Event seqs are 32-bit integers; a larger ``after`` overflowed SQLite's driver (500).
+    after: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 500,
 ) -> dict:
     """The saga's append-only event log (every status change, claim and checkpoint)."""
