@@ -3,18 +3,26 @@
 Extensions come from the ``duckdb-extension-*`` PyPI wheels pinned to the duckdb version (no
 network at run time); where a wheel is absent we fall back to DuckDB's own INSTALL/LOAD. One
 connection per worker process keeps the lake attached; each thread works on its own cursor.
+
+Once the lake is attached the connection is locked down: files only inside the source root and
+the lake directory, no new network connections, attachments or extensions, and the
+configuration itself locked, so that no SQL run later (spec SQL included) can widen it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import importlib.util
 import json
 import os
 import re
+import shutil
+import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -46,9 +54,10 @@ def extension_path(name: str) -> Path | None:
 
 
 def load_extension(con: duckdb.DuckDBPyConnection, name: str) -> None:
+    # LOAD/INSTALL take no parameters; ``name`` is a key of _EXTENSION_WHEELS.
     path = extension_path(name)
     if path is not None:
-        con.execute(f"LOAD '{path}'")
+        con.execute(f"LOAD {_sql_string(str(path))}")
     else:
         con.execute(f"INSTALL {name}")
         con.execute(f"LOAD {name}")
@@ -88,8 +97,10 @@ class LakeUnavailable(RuntimeError):
 
 
 def redact_dsn(text: str) -> str:
-    """Hide ``password=...`` values of libpq connection strings in ``text``."""
-    return re.sub(r"(password=)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", text)
+    """Hide the passwords of libpq connection strings in ``text``: ``password=...`` values, and
+    the ``user:password@`` of URIs (``postgres:postgresql://u:p@host/db`` is a valid catalog)."""
+    text = re.sub(r"(password=)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", text)
+    return re.sub(r"(://[^:/@\s]*:)[^/@\s]*@", r"\1***@", text)
 
 
 def quote_identifier(name: str) -> str:
@@ -177,30 +188,34 @@ class Lake:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._generation = 0
-        sqlite_catalog = self._target.startswith("sqlite:")
-        self.write_guard = WriteGuard(settings.lake_dir / ".write.lock" if sqlite_catalog else None)
+        #: The DuckLake catalog is a SQLite file (else PostgreSQL, or a DuckDB file).
+        self.sqlite_catalog = self._target.startswith("sqlite:")
+        self.write_guard = WriteGuard(settings.lake_dir / ".write.lock" if self.sqlite_catalog
+                                      else None)
         self.con = self._connect()
 
     def _connect(self) -> duckdb.DuckDBPyConnection:
         config: dict[str, str | int] = {
             "autoinstall_known_extensions": "false",
             "autoload_known_extensions": "false",
+            "allow_community_extensions": "false",
         }
         if self.settings.duckdb_memory_limit:
             config["memory_limit"] = self.settings.duckdb_memory_limit
         if self.settings.duckdb_threads:
             config["threads"] = self.settings.duckdb_threads
         con = duckdb.connect(config=config)  # type: ignore[arg-type]
-        for name in ("ducklake", "sqlite_scanner", "postgres_scanner"):
+        for name in self._extensions():
             load_extension(con, name)
         options = [f"DATA_PATH {_sql_string(str(self.data_path) + '/')}"]
         if self._metadata_schema:
             options.append(f"METADATA_SCHEMA {_sql_string(self._metadata_schema)}")
+        # ATTACH takes no parameters: the target (a libpq DSN or a file path) is quoted instead.
         attach = f"ATTACH {_sql_string('ducklake:' + self._target)} AS {LAKE} ({', '.join(options)})"
         for attempt in range(1, _ATTACH_ATTEMPTS + 1):
             try:
                 con.execute(attach)
-                return con
+                break
             except duckdb.Error as exc:
                 # Workers starting together on a new catalog race to create its metadata
                 # tables; the loser succeeds on a retry.
@@ -210,7 +225,58 @@ class Lake:
                     raise LakeUnavailable(
                         f"cannot attach the lake: {redact_dsn(str(exc))}") from None
                 time.sleep(0.2 * attempt)
-        raise AssertionError("unreachable")
+        try:
+            self._lock_down(con)
+        except BaseException:
+            con.close()
+            raise
+        return con
+
+    def _extensions(self) -> list[str]:
+        """DuckLake and only the scanner its catalog needs.
+
+        Both scanners bypass ``enable_external_access`` in part (``sqlite_scan``/``ATTACH
+        (TYPE sqlite)`` open any SQLite file, ``postgres_scan`` connects to any DSN), so a
+        connection only carries the one its catalog cannot do without.
+        """
+        scanners = {"sqlite:": "sqlite_scanner", "postgres:": "postgres_scanner"}
+        return ["ducklake"] + [ext for prefix, ext in scanners.items()
+                               if self._target.startswith(prefix)]
+
+    def _lock_down(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Confine the connection to the source root and the lake directory, for good.
+
+        Runs after the extensions are loaded and the lake is attached: the catalog's own
+        connections (SQLite file, PostgreSQL) stay open, but nothing new can be attached,
+        loaded or reached over the network, and ``lock_configuration`` makes every later
+        ``SET`` fail. DuckDB checks the resolved path of every file, so a symlink under an
+        allowed directory that leads elsewhere is refused too.
+        """
+        allowed = [str(self.settings.source_root.resolve()) + "/",
+                   str(self.settings.lake_dir.resolve()) + "/"]
+        con.execute("SET allowed_directories = ?", [allowed])
+        if self.sqlite_catalog:  # wherever LAKESAGA_LAKE_CATALOG puts the file
+            catalog = Path(self._target.removeprefix("sqlite:")).resolve()
+            con.execute("SET allowed_paths = ?", [[str(catalog)]])
+        con.execute("SET temp_directory = ?", [str(self._temp_directory())])
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
+
+    def _temp_directory(self) -> Path:
+        """A spill directory of this connection alone, under ``<lake_dir>/tmp``.
+
+        Several processes (on several hosts) share the lake directory, so each connection gets
+        its own; DuckDB creates it on first spill and removes it on close. Those left by killed
+        processes of this host are removed here.
+        """
+        parent = self.settings.lake_dir / "tmp"
+        parent.mkdir(parents=True, exist_ok=True)
+        host = socket.gethostname()
+        for stale in parent.glob(f"{glob.escape(host)}-*-*"):
+            pid = stale.name.removeprefix(f"{host}-").split("-", 1)[0]
+            if pid.isdigit() and not _process_alive(int(pid)):
+                shutil.rmtree(stale, ignore_errors=True)
+        return parent / f"{host}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
 
     def reset(self) -> None:
         """Replace a DuckDB instance that a fatal error invalidated (seen when PostgreSQL dies
@@ -239,6 +305,16 @@ class Lake:
 
     def close(self) -> None:
         self.con.close()
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
 
 
 def first_row(result: duckdb.DuckDBPyConnection) -> tuple[Any, ...] | None:

@@ -13,18 +13,23 @@ from app.lakehouse.tables import gold_table, replace_partition, silver_table
 
 def aggregate(cur: duckdb.DuckDBPyConnection, spec: DatasetSpec, *, partition_date: str,
               saga_id: str, tag: str) -> dict[str, Any]:
-    silver = f"(SELECT * FROM {silver_table(spec)} WHERE partition_date = DATE '{partition_date}')"
+    # The aggregation SQL is operator text from the spec files; every value is bound.
+    silver = (f"(SELECT * FROM {silver_table(spec)} "
+              "WHERE partition_date = CAST($partition_date AS DATE))")
     parts = [
-        f"SELECT '{agg.name}' AS aggregation, CAST(dimension AS VARCHAR) AS dimension, "
+        f"SELECT CAST($aggregation_{i} AS VARCHAR) AS aggregation, "
+        f"CAST(dimension AS VARCHAR) AS dimension, "
         f"CAST(metric AS VARCHAR) AS metric, CAST(value AS DOUBLE) AS value "
         f"FROM ({agg.sql.replace('{silver}', silver)})"
-        for agg in spec.aggregations
+        for i, agg in enumerate(spec.aggregations)
     ]
+    params: dict[str, object] = {"partition_date": partition_date, "saga_id": saga_id}
+    params.update({f"aggregation_{i}": agg.name for i, agg in enumerate(spec.aggregations)})
     written = replace_partition(
         cur, gold_table(spec), partition_date,
-        f"SELECT CAST(? AS DATE), aggregation, dimension, metric, value, ? "
+        f"SELECT CAST($partition_date AS DATE), aggregation, dimension, metric, value, $saga_id "
         f"FROM ({' UNION ALL '.join(parts)})",
-        [partition_date, saga_id], tag, f"aggregate_to_gold {spec.name} {partition_date}",
+        params, tag, f"aggregate_to_gold {spec.name} {partition_date}",
     )
     return {
         "aggregations": [agg.name for agg in spec.aggregations],

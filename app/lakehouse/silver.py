@@ -12,18 +12,26 @@ from app.lakehouse.duck import first_row, write_guard
 from app.lakehouse.pipeline import DatasetSpec, quote
 from app.lakehouse.tables import bronze_table, replace_partition, silver_table
 
-
-def _sql_literal(value: Any) -> str:
-    if isinstance(value, bool):
-        return "TRUE" if value else "FALSE"
-    if isinstance(value, int | float):
-        return repr(value)
-    return "'" + str(value).replace("'", "''") + "'"
+#: How a rule (operator SQL) refers to the partition's date: a bound parameter, never a literal.
+PARTITION_DATE = "CAST($partition_date AS DATE)"
 
 
-def staging_sql(spec: DatasetSpec, partition_date: str) -> str:
-    """One row per bronze row with its typed, filled values and why it would be dropped."""
-    date_literal = f"DATE '{partition_date}'"
+def staging_params(spec: DatasetSpec, partition_date: str) -> dict[str, Any]:
+    """The values ``staging_sql`` binds: the partition date and each column's fill default."""
+    params: dict[str, Any] = {"partition_date": partition_date}
+    for i, c in enumerate(spec.columns):
+        if c.fill is not None:
+            fill = c.fill
+            params[f"fill_{i}"] = fill if isinstance(fill, bool | int | float | str) else str(fill)
+    return params
+
+
+def staging_sql(spec: DatasetSpec) -> str:
+    """One row per bronze row with its typed, filled values and why it would be dropped.
+
+    Names are validated and quoted, types come from ``ALLOWED_TYPES``; values are bound
+    (``staging_params``). Rule predicates are operator SQL from the spec files.
+    """
     key = ", ".join(quote(k) for k in spec.dedupe_key)
     key_present = " AND ".join(f"{quote(k)} IS NOT NULL" for k in spec.dedupe_key)
     typed = ", ".join(
@@ -34,23 +42,24 @@ def staging_sql(spec: DatasetSpec, partition_date: str) -> str:
         for c in spec.columns
     ) or "FALSE"
     filled = ", ".join(
-        f"coalesce({quote(c.name)}, CAST({_sql_literal(c.fill)} AS {c.type})) AS {quote(c.name)}"
+        f"coalesce({quote(c.name)}, CAST($fill_{i} AS {c.type})) AS {quote(c.name)}"
         if c.fill is not None else quote(c.name)
-        for c in spec.columns
+        for i, c in enumerate(spec.columns)
     )
     nulls = " + ".join(
         f"CAST({quote(c.name)} IS NULL AS INTEGER)" for c in spec.columns if c.fill is not None
     ) or "0"
     missing = " OR ".join(f"{quote(c.name)} IS NULL" for c in spec.columns if c.required) or "FALSE"
     rules = " AND ".join(
-        f"coalesce(({r.check.replace('{partition_date}', date_literal)}), FALSE)" for r in spec.rules
+        f"coalesce(({r.check.replace('{partition_date}', PARTITION_DATE)}), FALSE)"
+        for r in spec.rules
     ) or "TRUE"
     return f"""
 WITH raw AS (
     SELECT *, ({cast_failed}) AS _cast_failed,
            CASE WHEN {key_present} THEN row_number() OVER (
                PARTITION BY {key} ORDER BY _ingested_at, _batch_id, _source_file) END AS _copy
-    FROM {bronze_table(spec)} WHERE partition_date = {date_literal}
+    FROM {bronze_table(spec)} WHERE partition_date = {PARTITION_DATE}
 ), typed AS (
     SELECT {typed}, _batch_id, _source_file, _cast_failed, _copy FROM raw
 ), filled AS (
@@ -72,8 +81,8 @@ def process(cur: duckdb.DuckDBPyConnection, spec: DatasetSpec, *, partition_date
 
 def _process(cur: duckdb.DuckDBPyConnection, spec: DatasetSpec, *, partition_date: str,
              saga_id: str, stage: str, tag: str) -> dict[str, Any]:
-    cur.execute(f"CREATE OR REPLACE TEMP TABLE {quote(stage)} AS "
-                f"{staging_sql(spec, partition_date)}")
+    cur.execute(f"CREATE OR REPLACE TEMP TABLE {quote(stage)} AS {staging_sql(spec)}",
+                staging_params(spec, partition_date))
     try:
         row = first_row(cur.execute(
             f"""SELECT count(*),

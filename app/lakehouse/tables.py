@@ -83,8 +83,11 @@ def _table_exists(cur: duckdb.DuckDBPyConnection, name: str) -> bool:
 
 
 def replace_partition(cur: duckdb.DuckDBPyConnection, target: str, partition_date: str,
-                      select_sql: str, params: list[object], tag: str, message: str) -> int:
+                      select_sql: str, params: list[object] | dict[str, object], tag: str,
+                      message: str) -> int:
     """Replace one partition of ``target`` with the rows of ``select_sql``, in one lake commit.
+
+    ``params`` are bound to ``select_sql`` (positional ``?`` or named ``$name``).
 
     Returns the number of rows written. Idempotent: a re-run computes the same partition.
     """
@@ -114,9 +117,9 @@ def restore_partition(cur: duckdb.DuckDBPyConnection, target: str, partition_dat
         cur.execute(f"DELETE FROM {target} WHERE partition_date = CAST(? AS DATE)",
                     [partition_date])
         cur.execute(
-            f"INSERT INTO {target} SELECT * FROM {target} AT (VERSION => {int(before_snapshot)}) "
+            f"INSERT INTO {target} SELECT * FROM {target} AT (VERSION => ?) "
             "WHERE partition_date = CAST(? AS DATE)",
-            [partition_date],
+            [int(before_snapshot), partition_date],
         )
         restored = first_row(cur.execute(
             f"SELECT count(*) FROM {target} WHERE partition_date = CAST(? AS DATE)",

@@ -1,0 +1,189 @@
+"""The lake's DuckDB connection is confined: files only under the source root and the lake
+directory, no new attachments, extensions or network, and its configuration locked — on a
+SQLite and on a PostgreSQL DuckLake catalog, and again after ``Lake.reset()``."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from app.lakehouse.duck import Lake, extension_path
+from app.settings import Settings
+
+
+@pytest.fixture
+def lake(database_url: str, settings_factory: Callable[..., Settings]) -> Iterator[Lake]:
+    lake = Lake(settings_factory(database_url, duckdb_memory_limit="256MB"))
+    try:
+        yield lake
+    finally:
+        lake.close()
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    """A readable directory beside the source root and the lake directory, outside both."""
+    folder = tmp_path / "outside"
+    folder.mkdir()
+    (folder / "secret.csv").write_text("secret\nS3cretCanary\n")
+    return folder
+
+
+def _refused(lake: Lake, sql: str, params: list[object] | None = None) -> str:
+    with pytest.raises(duckdb.Error) as caught:
+        lake.cursor().execute(sql, params or []).fetchall()
+    return str(caught.value)
+
+
+def test_lake__reading_outside_the_allowed_directories_fails(lake: Lake, outside: Path) -> None:
+    root = lake.settings.source_root
+    (root / "leak.csv").symlink_to(outside / "secret.csv")
+    (root / "outdir").symlink_to(outside)
+    for path in ("/etc/passwd", str(outside / "secret.csv"), str(root / "leak.csv"),
+                 str(root / "outdir" / "secret.csv"), f"{root}/../outside/secret.csv",
+                 str(outside / "*.csv")):
+        for reader in ("read_csv", "read_text", "read_blob", "glob"):
+            message = _refused(lake, f"SELECT * FROM {reader}(?)", [path])
+            assert "S3cretCanary" not in message
+            assert "disabled by configuration" in message, (reader, path, message)
+
+
+@pytest.mark.parametrize("statement", [
+    "SET enable_external_access = true",
+    "SET allowed_directories = ['/']",
+    "SET allowed_paths = ['/etc/passwd']",
+    "SET lock_configuration = false",
+    "RESET lock_configuration",
+    "SET GLOBAL lock_configuration = false",
+    "SET temp_directory = '/tmp'",
+    "SET autoload_known_extensions = true",
+    "SET allow_unsigned_extensions = true",
+    "PRAGMA memory_limit = '100GB'",
+])
+def test_lake__configuration_is_locked(lake: Lake, statement: str) -> None:
+    assert "the configuration has been locked" in _refused(lake, statement)
+    row = lake.cursor().execute("SELECT current_setting('enable_external_access'), "
+                                "current_setting('lock_configuration')").fetchall()
+    assert row == [(False, True)]
+
+
+def test_lake__extensions_cannot_be_installed_or_loaded(lake: Lake) -> None:
+    assert "disabled" in _refused(lake, "INSTALL httpfs")
+    assert "disabled" in _refused(lake, "FORCE INSTALL httpfs FROM 'http://127.0.0.1:9'")
+    assert "disabled" in _refused(lake, "LOAD httpfs")
+    assert "disabled" in _refused(lake, "LOAD no_such_extension")
+    # A file under an allowed directory: refused before it is even read.
+    planted = lake.settings.source_root / "evil.duckdb_extension"
+    wheel = extension_path("sqlite_scanner")
+    planted.write_bytes(wheel.read_bytes() if wheel else b"not an extension")
+    assert "disabled" in _refused(lake, f"LOAD '{planted}'")
+
+
+def test_lake__writing_outside_fails(lake: Lake, outside: Path) -> None:
+    for sql in (f"COPY (SELECT 1 AS a) TO '{outside / 'x.csv'}'",
+                f"COPY (SELECT 1 AS a) TO '{outside / 'x.parquet'}' (FORMAT parquet)",
+                f"EXPORT DATABASE '{outside / 'export'}'"):
+        assert "disabled by configuration" in _refused(lake, sql)
+    assert sorted(p.name for p in outside.iterdir()) == ["secret.csv"]
+
+
+def test_lake__attaching_anything_new_outside_fails(lake: Lake, outside: Path) -> None:
+    assert "disabled by configuration" in _refused(
+        lake, f"ATTACH '{outside / 'other.duckdb'}' AS other")
+    _refused(lake, "ATTACH 'dbname=postgres host=127.0.0.1 user=postgres' AS pg (TYPE postgres)")
+    _refused(lake, f"ATTACH 'ducklake:{outside / 'cat.ducklake'}' AS lake2 (DATA_PATH '{outside}/')")
+    assert sorted(p.name for p in outside.iterdir()) == ["secret.csv"]
+
+
+def test_lake__carries_only_the_scanner_its_catalog_needs(lake: Lake, outside: Path) -> None:
+    functions = {name for (name,) in lake.cursor().execute(
+        "SELECT DISTINCT function_name FROM duckdb_functions()").fetchall()}
+    if lake.sqlite_catalog:
+        assert "postgres_scan" not in functions and "sqlite_scan" in functions
+        # postgres_scan would connect to any DSN whatever enable_external_access says.
+        _refused(lake, "SELECT * FROM postgres_scan('dbname=postgres host=127.0.0.1 "
+                       "user=postgres', 'pg_catalog', 'pg_class')")
+    else:
+        assert "sqlite_scan" not in functions and "postgres_scan" in functions
+        # sqlite_scan / ATTACH (TYPE sqlite) open any SQLite file whatever DuckDB allows.
+        _refused(lake, f"SELECT * FROM sqlite_scan('{outside / 'x.sqlite'}', 't')")
+        _refused(lake, f"ATTACH '{outside / 'other.sqlite'}' AS other (TYPE sqlite)")
+        assert sorted(p.name for p in outside.iterdir()) == ["secret.csv"]
+
+
+@pytest.mark.xfail(strict=True, reason="known gap: the scanner a catalog needs opens its own "
+                   "files/connections and ignores enable_external_access")
+def test_lake__the_catalog_scanner_cannot_reach_outside(lake: Lake, outside: Path) -> None:
+    # Only operator SQL (spec rules and aggregations) ever runs on this connection; if DuckDB
+    # closes these holes, this test passes and strict xfail flags it.
+    if lake.sqlite_catalog:
+        _refused(lake, f"ATTACH '{outside / 'other.sqlite'}' AS other (TYPE sqlite)")
+    else:
+        _refused(lake, "SELECT * FROM postgres_scan('dbname=postgres host=127.0.0.1 "
+                       "user=postgres', 'pg_catalog', 'pg_class')")
+
+
+def test_lake__network_reads_fail(lake: Lake) -> None:
+    for url in ("http://127.0.0.1:9/x.csv", "https://example.com/x.parquet", "s3://bucket/x.csv"):
+        _refused(lake, "SELECT * FROM read_csv(?)", [url])
+
+
+def test_lake__normal_reads_and_writes_work(lake: Lake) -> None:
+    source = lake.settings.source_root / "events.ndjson"
+    source.write_text('{"id": "a", "n": 1}\n{"id": "b", "n": 2}\n')
+    cur = lake.cursor()
+    cur.execute("CREATE SCHEMA IF NOT EXISTS lake.sandbox")
+    cur.execute("CREATE TABLE lake.sandbox.events (id VARCHAR, n BIGINT)")
+    cur.execute("INSERT INTO lake.sandbox.events SELECT id, n FROM read_json(?)", [[str(source)]])
+    cur.execute("INSERT INTO lake.sandbox.events SELECT 'x' || range, range FROM range(5000)")
+    assert cur.execute("SELECT count(*), sum(n) FROM lake.sandbox.events").fetchall() == [
+        (5002, sum(range(5000)) + 3)]
+    assert lake.current_snapshot() > 0
+    # DuckLake's own metadata (used by the invariant checker) stays readable.
+    files = cur.execute(f"SELECT count(*) FROM {lake.metadata_prefix}.ducklake_data_file").fetchall()
+    assert files[0][0] >= 1
+    assert any(lake.data_path.rglob("*.parquet"))
+
+
+def test_lake__spills_inside_the_lake_directory(lake: Lake) -> None:
+    cur = lake.cursor()
+    temp = Path(cur.execute("SELECT current_setting('temp_directory')").fetchall()[0][0])
+    assert temp.is_relative_to(lake.settings.lake_dir / "tmp")
+    # Larger than the 256MB memory limit: DuckDB must spill, and may only do so in there.
+    row = cur.execute("SELECT count(*) FROM (SELECT range % 6000000 AS k, count(*) "
+                      "FROM range(30000000) GROUP BY 1)").fetchall()
+    assert row == [(6000000,)]
+
+
+def test_lake__reset_rebuilds_a_locked_connection(lake: Lake, outside: Path) -> None:
+    cur = lake.cursor()
+    cur.execute("CREATE SCHEMA IF NOT EXISTS lake.sandbox")
+    cur.execute("CREATE TABLE lake.sandbox.t AS SELECT range AS i FROM range(10)")
+    lake.reset()
+    cur = lake.cursor()
+    assert cur.execute("SELECT count(*) FROM lake.sandbox.t").fetchall() == [(10,)]
+    cur.execute("INSERT INTO lake.sandbox.t SELECT range FROM range(5)")
+    assert cur.execute("SELECT count(*) FROM lake.sandbox.t").fetchall() == [(15,)]
+    assert "locked" in _refused(lake, "SET enable_external_access = true")
+    assert "disabled by configuration" in _refused(
+        lake, "SELECT * FROM read_csv(?)", [str(outside / "secret.csv")])
+
+
+def test_lake__stale_spill_directories_of_dead_processes_are_removed(
+        database_url: str, settings_factory: Callable[..., Settings]) -> None:
+    settings = settings_factory(database_url)
+    tmp = settings.lake_dir / "tmp"
+    tmp.mkdir(parents=True)
+    host = socket.gethostname()
+    dead = tmp / f"{host}-999999999-deadbeef0000"
+    (dead / "spill").mkdir(parents=True)
+    alive = tmp / f"{host}-{os.getpid()}-aaaabbbbcccc"
+    alive.mkdir()
+    Lake(settings).close()
+    assert not dead.exists()
+    assert alive.exists()
