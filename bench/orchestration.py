@@ -49,6 +49,14 @@ def utcnow() -> datetime:
 # ---------------------------------------------------------------------------------------------
 
 
+def _copy(fn: Any) -> Any:
+    """A distinct function object, so that each decorator marks its own."""
+    import types
+
+    return types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__,
+                              fn.__closure__)
+
+
 def _await_go() -> float:
     print("ready", flush=True)
     line = sys.stdin.readline()
@@ -63,48 +71,14 @@ def lakesaga_worker(a: argparse.Namespace) -> dict[str, Any]:
     from app.saga.executor import Executor, ExecutorConfig
     from app.saga.step_log import StepLog
 
-    class NoopSaga(Saga):
-        name = DEFINITION
+    def noop(self: Saga, ctx: StepContext) -> dict[str, Any]:
+        return {}
 
-        @action("s1")
-        def s1(self, ctx: StepContext) -> dict[str, Any]:
-            return {}
-
-        @compensate("s1")
-        def undo_s1(self, ctx: StepContext) -> dict[str, Any]:
-            return {}
-
-        @action("s2", depends_on=["s1"])
-        def s2(self, ctx: StepContext) -> dict[str, Any]:
-            return {}
-
-        @compensate("s2")
-        def undo_s2(self, ctx: StepContext) -> dict[str, Any]:
-            return {}
-
-        @action("s3", depends_on=["s2"])
-        def s3(self, ctx: StepContext) -> dict[str, Any]:
-            return {}
-
-        @compensate("s3")
-        def undo_s3(self, ctx: StepContext) -> dict[str, Any]:
-            return {}
-
-        @action("s4", depends_on=["s3"])
-        def s4(self, ctx: StepContext) -> dict[str, Any]:
-            return {}
-
-        @compensate("s4")
-        def undo_s4(self, ctx: StepContext) -> dict[str, Any]:
-            return {}
-
-        @action("s5", depends_on=["s4"])
-        def s5(self, ctx: StepContext) -> dict[str, Any]:
-            return {}
-
-        @compensate("s5")
-        def undo_s5(self, ctx: StepContext) -> dict[str, Any]:
-            return {}
+    members: dict[str, Any] = {"name": DEFINITION}
+    for i, step in enumerate(STEPS):  # s1 -> s2 -> ... -> s5, each with a compensation
+        members[f"do_{step}"] = action(step, depends_on=STEPS[i - 1:i])(_copy(noop))
+        members[f"undo_{step}"] = compensate(step)(_copy(noop))
+    NoopSaga: Any = type("NoopSaga", (Saga,), members)
 
     timings: dict[str, list[float]] = {}
     saga_latency: list[float] = []
@@ -207,48 +181,14 @@ def sagaz_worker(a: argparse.Namespace) -> dict[str, Any]:
                 ctx["saga_id"], saga_name, SagaStatus.EXECUTING,
                 [{"name": s, "status": "completed"} for s in done], ctx)
 
-    class NoopSaga(Saga):
-        saga_name = DEFINITION
+    async def noop(self: Saga, ctx: dict[str, Any]) -> None:
+        return None
 
-        @action("s1")
-        async def s1(self, ctx: dict[str, Any]) -> None:
-            return None
-
-        @compensate("s1")
-        async def undo_s1(self, ctx: dict[str, Any]) -> None:
-            return None
-
-        @action("s2", depends_on=["s1"])
-        async def s2(self, ctx: dict[str, Any]) -> None:
-            return None
-
-        @compensate("s2")
-        async def undo_s2(self, ctx: dict[str, Any]) -> None:
-            return None
-
-        @action("s3", depends_on=["s2"])
-        async def s3(self, ctx: dict[str, Any]) -> None:
-            return None
-
-        @compensate("s3")
-        async def undo_s3(self, ctx: dict[str, Any]) -> None:
-            return None
-
-        @action("s4", depends_on=["s3"])
-        async def s4(self, ctx: dict[str, Any]) -> None:
-            return None
-
-        @compensate("s4")
-        async def undo_s4(self, ctx: dict[str, Any]) -> None:
-            return None
-
-        @action("s5", depends_on=["s4"])
-        async def s5(self, ctx: dict[str, Any]) -> None:
-            return None
-
-        @compensate("s5")
-        async def undo_s5(self, ctx: dict[str, Any]) -> None:
-            return None
+    members: dict[str, Any] = {"saga_name": DEFINITION}
+    for i, step in enumerate(STEPS):
+        members[f"do_{step}"] = action(step, depends_on=STEPS[i - 1:i])(_copy(noop))
+        members[f"undo_{step}"] = compensate(step)(_copy(noop))
+    NoopSaga: Any = type("NoopSaga", (Saga,), members)
 
     latency: list[float] = []
 
