@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from app.lakehouse.bronze import NotRegularFile, sha256_file
+from app.lakehouse.bronze import sha256_file
 
 FORMATS = ("json", "csv", "parquet")
 _GLOB_CHARS = set("*?[]{}")
@@ -91,7 +91,7 @@ def resolve_manifest(root: Path, pattern: str, fmt: str, *, max_files: int, max_
         for entry in manifest:
             try:
                 entry["sha256"] = sha256_file(root / entry["path"], size=entry["size"])
-            except (NotRegularFile, OSError) as exc:
+            except OSError as exc:  # NotRegularFile too: replaced since the walk saw it
                 raise SourceError(f"{entry['path']} changed while it was being hashed") from exc
     return {"format": fmt, "files": manifest, "total_bytes": total}
 
@@ -136,8 +136,8 @@ class _Walk:
                 if real.is_dir():
                     stack.append((real, index + 1, depth + 1))
 
-    def _count(self, n: int = 1) -> None:
-        self.seen += n
+    def _count(self) -> None:
+        self.seen += 1
         if self.seen > self.max_entries:
             raise SourceError(f"source.path looks at more than {self.max_entries} directory "
                               "entries; use a narrower pattern")
