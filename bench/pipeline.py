@@ -260,6 +260,7 @@ def ensure_data(records: int, files: int) -> dict[str, Any]:
                 "bytes": sum(f.stat().st_size for f in source_dir.glob("*.ndjson")),
                 "generated_under_load": list(os.getloadavg())}
         marker.write_text(json.dumps(info))
+        os.sync()  # no writeback of the fresh files competing with the first measured run
     return {**info, "source_root": str(root), "source_dir": str(source_dir)}
 
 
