@@ -281,6 +281,8 @@ def run_plain(data: dict[str, Any], run_dir: Path, a: argparse.Namespace,
     done = harness.run_measured(cmd)
     wall = time.perf_counter() - started
     shutil.rmtree(lake, ignore_errors=True)
+    if a.catalog == "postgres":
+        harness.drop_pg_database(pg_name)
     if done.returncode != 0:
         raise RuntimeError(f"plain script failed: {done.stderr[-3000:]}")
     out = json.loads(done.stdout.strip().splitlines()[-1])
