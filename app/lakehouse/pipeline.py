@@ -2,7 +2,8 @@
 rules and gold aggregations, loaded from YAML files. A dataset is data, not a code path.
 
 Every name that reaches SQL is checked against ``IDENTIFIER`` and quoted; rule and aggregation
-SQL comes from operator-controlled spec files, never from API requests.
+SQL comes from operator-controlled spec files, never from API requests, and is checked against
+the allowlist of ``spec_sql`` when the spec is loaded.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from app.lakehouse.spec_sql import SpecSQLError, check_aggregation, check_rule
 
 IDENTIFIER = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 #: lakesaga's own metadata columns (``_batch_id``, ...): never taken from a spec or a request.
@@ -67,6 +70,18 @@ class DatasetSpec:
     dedupe_key: tuple[str, ...]
     rules: tuple[Rule, ...]
     aggregations: tuple[Aggregation, ...]
+
+    def __post_init__(self) -> None:
+        # Every spec, however built, has its SQL checked: rules and aggregations run on the lake
+        # connection, whose catalog scanner ignores the connection's sandbox (see spec_sql).
+        columns = frozenset(c.name for c in self.columns)
+        items = [("rule", r.name, r.check, check_rule) for r in self.rules] + [
+            ("aggregation", a.name, a.sql, check_aggregation) for a in self.aggregations]
+        for kind, name, sql, check in items:
+            try:
+                check(sql, columns)
+            except SpecSQLError as exc:
+                raise SpecError(f"dataset {self.name}: {kind} {name}: {exc}") from None
 
     @property
     def bronze_table(self) -> str:

@@ -1,18 +1,27 @@
 """The lake's DuckDB connection is confined: files only under the source root and the lake
 directory, no new attachments, extensions or network, and its configuration locked — on a
-SQLite and on a PostgreSQL DuckLake catalog, and again after ``Lake.reset()``."""
+SQLite and on a PostgreSQL DuckLake catalog, and again after ``Lake.reset()``. The scanner the
+catalog needs ignores that confinement; spec SQL that would use it is refused when loaded."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
+import sqlite3
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 
 import duckdb
 import pytest
+import yaml
+from sqlalchemy.engine import make_url
 
-from app.lakehouse.duck import Lake, extension_path
+from app.lakehouse import gold
+from app.lakehouse.duck import Lake, extension_path, libpq_dsn
+from app.lakehouse.pipeline import BUILTIN_DIR, Aggregation, DatasetSpec, SpecError, load_datasets
+from app.lakehouse.tables import ensure_tables, gold_table
 from app.settings import Settings
 
 
@@ -116,16 +125,112 @@ def test_lake__carries_only_the_scanner_its_catalog_needs(lake: Lake, outside: P
         assert sorted(p.name for p in outside.iterdir()) == ["secret.csv"]
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: the scanner a catalog needs opens its own "
-                   "files/connections and ignores enable_external_access")
-def test_lake__the_catalog_scanner_cannot_reach_outside(lake: Lake, outside: Path) -> None:
-    # Only operator SQL (spec rules and aggregations) ever runs on this connection; if DuckDB
-    # closes these holes, this test passes and strict xfail flags it.
+@pytest.fixture
+def secret_db(outside: Path) -> Path:
+    """A SQLite file outside the allowed directories, holding a canary."""
+    path = outside / "secret.sqlite"
+    with closing(sqlite3.connect(path)) as con:
+        con.execute("CREATE TABLE secrets (s TEXT)")
+        con.execute("INSERT INTO secrets VALUES ('S3cretCanary')")
+        con.commit()
+    return path
+
+
+def _other_database(database_url: str) -> str:
+    """A libpq DSN for the server's ``postgres`` database: not the lake's catalog."""
+    return libpq_dsn(make_url(database_url).set(database="postgres")
+                     .render_as_string(hide_password=False))
+
+
+def test_lake__direct_sql_still_reaches_the_catalog_scanner(
+        lake: Lake, outside: Path, secret_db: Path, database_url: str) -> None:
+    # The residual: the scanner the catalog needs ignores enable_external_access, so code that
+    # holds the lake connection can read, create or run what it likes through it. Spec SQL
+    # cannot (next test) and API requests carry no SQL. If a DuckDB release closes this, this
+    # test fails: update README "Security" and docs/ARCHITECTURE.md "Known limits".
+    cur = lake.cursor()
     if lake.sqlite_catalog:
-        _refused(lake, f"ATTACH '{outside / 'other.sqlite'}' AS other (TYPE sqlite)")
+        assert cur.execute(f"SELECT s FROM sqlite_scan('{secret_db}', 'secrets')"
+                           ).fetchall() == [("S3cretCanary",)]
+        cur.execute(f"ATTACH '{outside / 'new.sqlite'}' AS other (TYPE sqlite)")
+        cur.execute("CREATE TABLE other.t AS SELECT 42 AS x")
+        assert (outside / "new.sqlite").exists()
     else:
-        _refused(lake, "SELECT * FROM postgres_scan('dbname=postgres host=127.0.0.1 "
-                       "user=postgres', 'pg_catalog', 'pg_class')")
+        databases = cur.execute(f"SELECT datname FROM postgres_scan('{_other_database(database_url)}', "
+                                "'pg_catalog', 'pg_database')").fetchall()
+        assert ("postgres",) in databases
+        # The catalog's own connection runs any SQL on the saga database.
+        meta = lake.metadata_prefix.split(".")[0]
+        cur.execute(f"CALL postgres_execute('{meta}', 'CREATE TABLE pwned (x int)')")
+        assert cur.execute(f"SELECT * FROM postgres_query('{meta}', 'SELECT count(*) FROM pwned')"
+                           ).fetchall() == [(0,)]
+
+
+def _unchecked(spec: DatasetSpec, aggregation: str) -> DatasetSpec:
+    """``spec`` with one aggregation, built around the load-time check: what would run without it."""
+    smuggled = object.__new__(DatasetSpec)
+    for field in dataclasses.fields(DatasetSpec):
+        object.__setattr__(smuggled, field.name, getattr(spec, field.name))
+    object.__setattr__(smuggled, "aggregations", (Aggregation("leak", aggregation),))
+    return smuggled
+
+
+def test_lake__spec_sql_reaching_the_catalog_scanner_is_refused_at_load(
+        lake: Lake, outside: Path, secret_db: Path, database_url: str, tmp_path: Path) -> None:
+    meta = lake.metadata_prefix.split(".")[0]
+    other = _other_database(database_url) if not lake.sqlite_catalog else "dbname=postgres"
+    agg = "SELECT {0} AS dimension, 'leak' AS metric, 1 AS value FROM {1}"
+    attacks = [  # (rule or aggregation, SQL, the construct the refusal names)
+        ("rule", f"(SELECT count(*) FROM sqlite_scan('{secret_db}', 'secrets')) > 0",
+         "sqlite_scan"),
+        ("aggregation", agg.format("s", f"sqlite_scan('{secret_db}', 'secrets')"),
+         "sqlite_scan"),
+        ("aggregation", agg.format("x.s", f"{{silver}} d JOIN sqlite_scan('{secret_db}', "
+                                   "'secrets') x ON TRUE"), "sqlite_scan"),
+        ("rule", f"EXISTS (SELECT 1 FROM postgres_scan('{other}', 'pg_catalog', 'pg_class'))",
+         "postgres_scan"),
+        ("aggregation", agg.format("datname", f"postgres_scan('{other}', 'pg_catalog', "
+                                   "'pg_database')"), "postgres_scan"),
+        ("aggregation", agg.format("'n'", f"postgres_query('{meta}', 'SELECT 1')"),
+         "postgres_query"),
+        ("aggregation", agg.format("'n'", f"postgres_execute('{meta}', 'CREATE TABLE pwned "
+                                   "(x int)')"), "postgres_execute"),
+        ("rule", f"(SELECT count(*) FROM read_csv('{outside / 'secret.csv'}')) > 0", "read_csv"),
+        ("aggregation", agg.format("file", f"glob('{outside}/*')"), "glob"),
+        ("rule", "getenv('HOME') IS NOT NULL", "getenv"),
+        ("rule", f"json_serialize_plan('SELECT * FROM sqlite_scan(''{secret_db}'', ''t'')') "
+                 "IS NOT NULL", "json_serialize_plan"),
+        ("rule", f"TRUE), FALSE); ATTACH '{outside / 'new.sqlite'}' AS other (TYPE sqlite); "
+                 "SELECT coalesce((TRUE", "single SELECT"),
+        ("aggregation", agg.format("1", "{silver}") + f"); ATTACH '{outside / 'new.sqlite'}' "
+                                                      "AS other (TYPE sqlite); SELECT (1",
+         "single SELECT"),
+    ]
+    builtin = yaml.safe_load((BUILTIN_DIR / "clickstream.yaml").read_text())
+    for i, (kind, sql, construct) in enumerate(attacks):
+        spec = dict(builtin, name=f"evil{i}")
+        if kind == "rule":
+            spec["rules"] = [*builtin["rules"], {"name": "leak", "check": sql}]
+        else:
+            spec["aggregations"] = [*builtin["aggregations"], {"name": "leak", "sql": sql}]
+        folder = tmp_path / f"specs{i}"
+        folder.mkdir()
+        (folder / "evil.yaml").write_text(yaml.safe_dump(spec))
+        with pytest.raises(SpecError) as refused:
+            load_datasets(folder)
+        assert str(refused.value).startswith(f"dataset evil{i}: {kind} leak: "), refused.value
+        assert construct in str(refused.value), (sql, refused.value)
+    assert sorted(p.name for p in outside.iterdir()) == ["secret.csv", "secret.sqlite"]
+
+    # Without the check, gold would have run the scanner on the lake connection.
+    spec = load_datasets(None)["clickstream"]
+    cur = lake.cursor()
+    ensure_tables(cur, spec)
+    leak = attacks[1][1] if lake.sqlite_catalog else attacks[4][1]
+    gold.aggregate(cur, _unchecked(spec, leak), partition_date="2026-01-06", saga_id="s",
+                   tag='{"step": "aggregate_to_gold"}')
+    leaked = {d for (d,) in cur.execute(f"SELECT dimension FROM {gold_table(spec)}").fetchall()}
+    assert leaked & {"S3cretCanary", "postgres"}
 
 
 def test_lake__network_reads_fail(lake: Lake) -> None:

@@ -1,6 +1,7 @@
-"""Property tests of the two validators that stand between request text and the machine: the
-source path sandbox (``check_pattern``/``resolve_manifest``) and the SQL identifier check
-(``check_identifier``/``quote``)."""
+"""Property tests of the validators that stand between outside text and the machine: the source
+path sandbox (``check_pattern``/``resolve_manifest``), the SQL identifier check
+(``check_identifier``/``quote``) and the spec SQL allowlist (``check_rule``/``check_aggregation``).
+"""
 
 from __future__ import annotations
 
@@ -19,9 +20,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from app.lakehouse import silver
 from app.lakehouse.bronze import SourceChanged, verify_manifest
 from app.lakehouse.pipeline import IDENTIFIER, SpecError, check_identifier, quote
 from app.lakehouse.sources import SourceError, check_pattern, resolve_manifest
+from app.lakehouse.spec_sql import SpecSQLError, allowed_functions, check_aggregation, check_rule
 
 FS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -240,3 +243,131 @@ def test_quote__is_a_safe_quoted_identifier_or_refuses(name: str) -> None:
     cur.execute(f"CREATE OR REPLACE TEMP TABLE t ({quoted} INTEGER)")
     assert cur.execute("SELECT column_name FROM duckdb_columns() WHERE table_name = 't'"
                        ).fetchall() == [(name,)]
+
+
+# -- spec SQL ----------------------------------------------------------------------------------
+
+_PLAIN = duckdb.connect()
+#: Every function, table function, pragma and keyword DuckDB knows, and what they parse to.
+_KNOWN_NAMES = sorted(
+    {n for (n,) in _PLAIN.execute("SELECT function_name FROM duckdb_functions()").fetchall()}
+    | {n for (n,) in _PLAIN.execute("SELECT keyword_name FROM duckdb_keywords()").fetchall()}
+    | {"sqlite_scan", "sqlite_attach", "postgres_scan", "postgres_query", "postgres_execute",
+       "ducklake_snapshots", "getenv"})
+#: Names the parser reads as SQL syntax, not as a call (``not(x)``, ``coalesce(x)``, ...).
+_SYNTAX = {"coalesce", "columns", "grouping", "grouping_id", "interval", "not", "select", "try",
+           "unpack"}
+SPEC_COLUMNS = frozenset({"event_id", "event_type", "duration_ms"})
+
+
+def _accepts(check: object, sql: str) -> bool:
+    try:
+        check(sql, SPEC_COLUMNS)  # type: ignore[operator]
+    except SpecSQLError:
+        return False
+    return True
+
+
+@settings(max_examples=400, deadline=None)
+@given(name=st.one_of(st.from_regex(IDENTIFIER, fullmatch=True), st.sampled_from(_KNOWN_NAMES)),
+       qualifier=st.sampled_from(["", "", "", "main.", "system.main.", "pg_catalog.", "lake.main.",
+                                  "memory.main.", "__ducklake_metadata_lake.main."]))
+def test_spec_sql__calls_only_allowed_functions(name: str, qualifier: str) -> None:
+    call = f"{qualifier}{name}(duration_ms)"
+    if _accepts(check_rule, f"{call} IS NULL"):
+        assert name.lower() in allowed_functions() or name in _SYNTAX, call
+        assert qualifier in ("", "main.", "system.main."), call
+    # Never as a FROM item.
+    assert not _accepts(check_aggregation, f"SELECT 1 AS dimension, 1 AS metric, 1 AS value "
+                                           f"FROM {call}")
+
+
+#: FROM items and expressions, each marked whether it stays inside ``{silver}``.
+_SOURCES = [("{silver}", True), ("(SELECT * FROM {silver})", True),
+            ("(FROM {silver} WHERE duration_ms > 0)", True), ("(VALUES (1, 'v'))", True),
+            ("c", True), ("secret", False), ("memory.main.secret", False),
+            ("silver_rows", False), ("read_csv('/etc/passwd')", False), ("'/etc/passwd'", False),
+            ("range(3)", False), ("glob('*')", False), ("(SELECT * FROM secret)", False),
+            ("(SELECT * FROM {silver} JOIN silver_rows USING (event_id))", False),
+            ("(SELECT * FROM {silver}, read_text('/etc/hostname'))", False)]
+_CALLS = [("lower", True), ("md5", True), ("length", True), ("getenv", False),
+          ("current_setting", False), ("read_text", False), ("json_serialize_plan", False)]
+
+
+@st.composite
+def aggregations(draw: st.DrawFn) -> tuple[str, bool]:
+    """An aggregation from the pieces above, and whether every piece is safe."""
+    safe = True
+    with_cte = draw(st.booleans())
+
+    def source(alias: str, cte_visible: bool) -> str:
+        nonlocal safe
+        text, ok = draw(st.sampled_from(_SOURCES))
+        safe &= ok and (text != "c" or cte_visible)
+        return f"{text} AS {alias}"
+
+    def call() -> str:
+        nonlocal safe
+        name, ok = draw(st.sampled_from(_CALLS))
+        safe &= ok
+        return f"{name}('x')"
+
+    sql = f"WITH c AS (SELECT * FROM {source('b', False)}) " if with_cte else ""
+    value = draw(st.sampled_from(["count(*)", "sub", "call"]))
+    if value == "sub":
+        value = f"(SELECT count(*) FROM {source('s', with_cte)})"
+    elif value == "call":
+        value = f"length(CAST({call()} AS VARCHAR))"
+    sql += f"SELECT 'd' AS dimension, 'm' AS metric, {value} AS value FROM {source('t1', with_cte)}"
+    if draw(st.booleans()):
+        sql += f" CROSS JOIN {source('t2', with_cte)}"
+    if draw(st.booleans()):
+        sql += f" UNION ALL SELECT 'e', 'n', 1 FROM {source('t3', with_cte)}"
+    return sql, safe
+
+
+def _runtime() -> duckdb.DuckDBPyConnection:
+    """Where accepted SQL is run in the pipeline's shape: silver rows, nothing else readable."""
+    con = duckdb.connect(config={"enable_external_access": "false"})
+    con.execute("CREATE TABLE silver_rows AS SELECT * FROM (VALUES ('a', 'click', 5), "
+                "('b', 'search', 0)) AS v(event_id, event_type, duration_ms)")
+    return con
+
+
+_RUNTIME = _runtime()
+
+
+@settings(max_examples=400, deadline=None)
+@given(case=aggregations())
+def test_spec_sql__aggregation_accepted_iff_it_reads_only_silver(case: tuple[str, bool]) -> None:
+    sql, safe = case
+    assert _accepts(check_aggregation, sql) == safe, sql
+    if safe:  # and it runs where gold runs it
+        _RUNTIME.cursor().execute(
+            "SELECT * FROM (" + sql.replace("{silver}", "(SELECT * FROM silver_rows)") + ")"
+        ).fetchall()
+
+
+_TERMS = [("duration_ms", True), ("length(event_type)", True), ("abs(-1)", True),
+          ("year({partition_date})", True), ("(SELECT count(*) FROM (VALUES (1)) AS v(x))", True),
+          ("(SELECT count(*) FROM secret)", False), ("(SELECT count(*) FROM silver_rows)", False),
+          ("(SELECT count(*) FROM read_csv('/etc/passwd'))", False),
+          ("(SELECT count(*) FROM range(3))", False), ("length(getenv('HOME'))", False),
+          ("length(current_setting('threads'))", False), ("nextval('s')", False),
+          ("length(current_user)", False)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(terms=st.lists(st.tuples(st.sampled_from(_TERMS), st.sampled_from(["<", ">=", "<>"]),
+                                st.sampled_from(_TERMS)), min_size=1, max_size=3),
+       joiner=st.sampled_from([" AND ", " OR "]))
+def test_spec_sql__rule_accepted_iff_it_reads_only_its_row(
+        terms: list[tuple[tuple[str, bool], str, tuple[str, bool]]], joiner: str) -> None:
+    check = joiner.join(f"{a} {op} {b}" for (a, _), op, (b, _) in terms)
+    safe = all(a_ok and b_ok for (_, a_ok), _, (_, b_ok) in terms)
+    assert _accepts(check_rule, check) == safe, check
+    if safe:  # and it runs where silver runs it
+        pasted = check.replace("{partition_date}", silver.PARTITION_DATE)
+        _RUNTIME.cursor().execute(f"SELECT coalesce(({pasted}), FALSE) FROM silver_rows "
+                                  f"WHERE {silver.PARTITION_DATE} IS NOT NULL",
+                                  {"partition_date": "2026-01-06"}).fetchall()
