@@ -52,6 +52,9 @@ class SagaRow(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime())
     #: Fencing token: incremented by every claim; writes carrying an older epoch are refused.
     epoch: Mapped[int] = mapped_column(Integer, default=0)
+    #: ``seq`` of the saga's last ``saga_events`` row: a transition increments it under the row
+    #: lock and numbers its event with the result.
+    event_seq: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -66,6 +69,8 @@ class SagaRow(Base):
         Index("ix_sagas_claim", "status", "lease_expires_at"),
         Index("ix_sagas_partition", "dataset", "partition_date", "status"),
         Index("ix_sagas_created", "created_at", "id"),
+        #: Claims walk the pending (and the abandoned) sagas oldest first and stop at the first.
+        Index("ix_sagas_fifo", "status", "created_at", "id"),
         Index("ix_sagas_owner_status", "owner", "status"),
         UniqueConstraint("owner", "idempotency_key", name="uq_sagas_owner_idempotency_key"),
     )

@@ -1,20 +1,31 @@
 """Engine and session factory for the saga log.
 
-SQLite (embedded mode) runs in WAL mode and opens every transaction with ``BEGIN IMMEDIATE`` so
-that concurrent writers queue on the database lock instead of failing a read-to-write upgrade;
-PostgreSQL uses psycopg 3 with pre-ping so a restarted server is reconnected transparently.
+SQLite (embedded mode) runs in WAL mode and opens every write transaction with ``BEGIN
+IMMEDIATE`` so that concurrent writers queue on the database lock instead of failing a
+read-to-write upgrade; read-only connections (:meth:`Database.reading`) use a plain ``BEGIN``.
+PostgreSQL uses psycopg 3; a pooled connection whose server has hung up (a restart, an
+idle-in-transaction timeout) is replaced at checkout without a round trip.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import select
+import sqlite3
+import threading
+from collections import namedtuple
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import ClauseElement, Connection, Dialect, Engine, create_engine, event, exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.compiler import SQLCompiler
+
+#: Execution option marking a connection that only reads (SQLite: no write lock).
+READ_ONLY = "lakesaga_read_only"
 
 
 def normalize_url(url: str) -> str:
@@ -40,8 +51,31 @@ def make_engine(url: str, *, idle_in_transaction_timeout_s: float | None = None)
         # skip locked rows: let the server end such sessions once the lease has run out.
         ms = int(idle_in_transaction_timeout_s * 1000)
         connect_args["options"] = f"-c idle_in_transaction_session_timeout={ms}"
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20,
-                         connect_args=connect_args)
+    engine = create_engine(url, pool_size=10, max_overflow=20, connect_args=connect_args)
+    _discard_hung_up_connections(engine)
+    return engine
+
+
+def _discard_hung_up_connections(engine: Engine) -> None:
+    """At checkout, replace a pooled connection whose socket is readable: an idle connection
+    only receives something when the server ends it (shutdown, restart, a session timeout).
+
+    This replaces ``pool_pre_ping``, which costs a round trip per checkout. A server that dies
+    without closing the socket is noticed by the first statement instead, as a disconnect.
+    """
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_connection, _record, _proxy):
+        if _hung_up(dbapi_connection):
+            # Every other pooled connection predates the same restart: replace them all.
+            raise exc.InvalidatePoolError("the server closed the connection")
+
+
+def _hung_up(dbapi_connection: Any) -> bool:
+    """Whether an idle PostgreSQL connection has something to read: the server ended it."""
+    poller = select.poll()
+    poller.register(dbapi_connection.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def _configure_sqlite(engine: Engine) -> None:
@@ -58,7 +92,99 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection):
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        statement = ("BEGIN" if connection.get_execution_options().get(READ_ONLY, False)
+                     else "BEGIN IMMEDIATE")
+        # Straight to the driver (this runs once per transaction, on the saga log's hot path),
+        # raising what SQLAlchemy would (a busy database is an OperationalError).
+        try:
+            connection.connection.dbapi_connection.execute(statement)
+        except sqlite3.Error as err:
+            raise exc.DBAPIError.instance(statement, None, err, sqlite3.Error) from err
+
+
+@dataclass
+class _DriverStatement:
+    """A Core statement compiled for one dialect, with what running it on the driver needs."""
+
+    sql: str
+    defaults: dict[str, Any]
+    bind_processors: dict[str, Callable[[Any], Any]]
+    #: Parameter order for positional drivers (SQLite's ``?``); None for named ones.
+    positions: tuple[str, ...] | None
+    #: One per result column, or None when no column needs processing.
+    result_processors: tuple[Callable[[Any], Any] | None, ...] | None
+    row_type: Any = None
+
+    @classmethod
+    def compile(cls, statement: ClauseElement, dialect: Dialect) -> _DriverStatement:
+        compiled = cast(SQLCompiler, statement.compile(dialect=dialect))
+        binds: dict[str, Callable[[Any], Any]] = {}
+        for name, bind in compiled.binds.items():
+            process = bind.type.dialect_impl(dialect).bind_processor(dialect)
+            if process is not None and name in compiled.params:
+                binds[name] = process
+        results = tuple(column.type.dialect_impl(dialect).result_processor(dialect, None)
+                        for column in getattr(statement, "exported_columns", ()))
+        return cls(str(compiled), dict(compiled.params), binds,
+                   tuple(compiled.positiontup) if compiled.positiontup else None,
+                   results if any(results) else None)
+
+
+@dataclass(frozen=True)
+class DriverResult:
+    rows: list[Any]
+    rowcount: int
+
+    def first(self) -> Any:
+        return self.rows[0] if self.rows else None
+
+
+_driver_statements: dict[tuple[ClauseElement, str], _DriverStatement] = {}
+
+
+def run_on_driver(connection: Connection, statement: ClauseElement,
+                  params: dict[str, Any]) -> DriverResult:
+    """Run a Core statement on the connection's DBAPI cursor (the saga log's hot path).
+
+    The statement is compiled once per process, and parameters and results go through
+    SQLAlchemy's own type processors, but SQLAlchemy's per-execution machinery (execution
+    context, cursor result) is skipped: it costs as much CPU as the driver itself. Rows have
+    their fields by name. Driver errors become SQLAlchemy's exceptions, and a lost connection
+    is invalidated, as ``Connection.execute`` would do.
+    """
+    dialect = connection.dialect
+    key = (statement, dialect.name)
+    compiled = _driver_statements.get(key)
+    if compiled is None:
+        compiled = _driver_statements[key] = _DriverStatement.compile(statement, dialect)
+    values = {**compiled.defaults, **params}
+    for name, process in compiled.bind_processors.items():
+        values[name] = process(values[name])
+    args: Any = values if compiled.positions is None else tuple(
+        values[name] for name in compiled.positions)
+    dbapi_connection: Any = connection.connection.dbapi_connection
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(compiled.sql, args)
+        rows = []
+        if cursor.description:
+            if compiled.row_type is None:
+                compiled.row_type = namedtuple(  # type: ignore[misc]
+                    "Row", [d[0] for d in cursor.description], rename=True)
+            processors = compiled.result_processors
+            for found in cursor.fetchall():
+                if processors is not None:
+                    found = [p(v) if p else v for p, v in zip(processors, found, strict=True)]
+                rows.append(compiled.row_type(*found))
+        return DriverResult(rows, cursor.rowcount)
+    except dialect.loaded_dbapi.Error as err:
+        lost = dialect.is_disconnect(err, dbapi_connection, cursor)
+        if lost:
+            connection.invalidate(err)
+        raise exc.DBAPIError.instance(compiled.sql, args, err, dialect.loaded_dbapi.Error,
+                                      connection_invalidated=lost) from err
+    finally:
+        cursor.close()
 
 
 class Database:
@@ -69,6 +195,8 @@ class Database:
         self.engine = make_engine(self.url,
                                   idle_in_transaction_timeout_s=idle_in_transaction_timeout_s)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._pins = threading.local()
 
     @property
     def is_postgres(self) -> bool:
@@ -79,6 +207,85 @@ class Database:
         """A session whose work commits on success and rolls back on any error."""
         with self.sessions() as session, session.begin():
             yield session
+
+    @contextmanager
+    def writing(self) -> Iterator[Connection]:
+        """A Core connection in a write transaction: commits on success, rolls back on error."""
+        pinned = None if self.is_postgres else self._pinned()
+        if pinned is None:
+            with self.engine.begin() as connection:
+                yield connection
+            return
+        try:
+            with pinned.begin():
+                yield pinned
+        except BaseException:
+            self._unpin()
+            raise
+
+    @contextmanager
+    def autocommit(self) -> Iterator[Connection]:
+        """A Core connection on which every statement commits by itself (PostgreSQL runs one
+        statement atomically, so a single-statement write needs no BEGIN/COMMIT round trips)."""
+        pinned = self._pinned() if self.is_postgres else None
+        if pinned is None:
+            with self._autocommit.connect() as connection:
+                yield connection
+            return
+        try:
+            yield pinned
+            pinned.commit()  # ends SQLAlchemy's implicit transaction; no round trip
+        except BaseException:
+            self._unpin()
+            raise
+
+    @contextmanager
+    def reading(self) -> Iterator[Connection]:
+        """A Core connection for reads only: on PostgreSQL in autocommit (each statement sees
+        the latest commit; no BEGIN/ROLLBACK round trips), on SQLite without the write lock."""
+        if self.is_postgres:
+            with self.autocommit() as connection:
+                yield connection
+            return
+        with self.engine.connect() as connection:
+            connection.execution_options(**{READ_ONLY: True})
+            yield connection
+
+    @contextmanager
+    def pinned(self) -> Iterator[None]:
+        """Within the block, the calling thread's saga-log writes (``autocommit`` on
+        PostgreSQL, ``writing`` on SQLite) share one pooled connection instead of checking one
+        out each time. Between writes it holds no transaction, so it blocks nobody; one that
+        the server has closed, or that failed, is replaced."""
+        if getattr(self._pins, "active", False):
+            yield
+            return
+        self._pins.active, self._pins.connection = True, None
+        try:
+            yield
+        finally:
+            self._unpin()
+            self._pins.active = False
+
+    def _pinned(self) -> Connection | None:
+        if not getattr(self._pins, "active", False):
+            return None
+        connection: Connection | None = self._pins.connection
+        if (connection is not None and self.is_postgres
+                and _hung_up(connection.connection.dbapi_connection)):
+            connection.invalidate()
+            self._unpin()
+            connection = None
+        if connection is None:
+            connection = (self._autocommit if self.is_postgres else self.engine).connect()
+            self._pins.connection = connection
+        return connection
+
+    def _unpin(self) -> None:
+        """Give the pinned connection back (a later write checks out another)."""
+        connection, self._pins.connection = self._pins.connection, None
+        if connection is not None:
+            connection.close()
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -12,6 +12,10 @@ class LostOwnership(SagaError):
     """
 
 
+class CancelRequested(SagaError):
+    """The saga was cancelled before this step started: it turns back instead (before the pivot)."""
+
+
 class InvalidTransition(SagaError):
     """A status change not allowed by the state table."""
 

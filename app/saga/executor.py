@@ -14,13 +14,14 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from app.faults import fault_point
 from app.saga.definition import Saga, StepContext, StepSpec
-from app.saga.errors import LostOwnership, StepDeferred, UnknownDefinition
+from app.saga.errors import CancelRequested, LostOwnership, StepDeferred, UnknownDefinition
 from app.saga.fencing import owner_check
+from app.saga.lease import Lease, LeaseKeeper
 from app.saga.retry import RetryPolicy
 from app.saga.states import STEP_STATUSES_TO_COMPENSATE, SagaStatus, StepStatus
 from app.saga.step_log import Claim, StepLog, utcnow
@@ -50,69 +51,36 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"[:2000]
 
 
-class Heartbeat:
-    """Renews the lease every third of its TTL while a saga is being worked on."""
-
-    def __init__(self, step_log: StepLog, claim: Claim, owner: str, ttl_s: float) -> None:
-        self._log, self._claim, self._owner, self._ttl_s = step_log, claim, owner, ttl_s
-        self._stop = threading.Event()
-        self.lost = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
-
-    def __enter__(self) -> Heartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        deadline = time.monotonic() + self._ttl_s
-        while not self._stop.wait(self._ttl_s / 3):
-            try:
-                renewed = self._log.renew_lease(
-                    self._claim.saga_id, self._claim.epoch, self._owner, self._ttl_s
-                )
-            except Exception as exc:  # the database may be restarting: keep trying until the lease ends
-                log.warning("heartbeat for %s failed: %s", self._claim.saga_id, describe_error(exc))
-                # Give up a third of a TTL early, so the step stops before another worker may
-                # claim the saga.
-                renewed = time.monotonic() < deadline - self._ttl_s / 3
-                if renewed:
-                    continue
-            if not renewed:
-                self.lost.set()
-                return
-            deadline = time.monotonic() + self._ttl_s
-
-
 class SagaRunner:
-    """Runs one claimed saga to its next resting point (terminal, or waiting for a retry)."""
+    """Runs one claimed saga to its next resting point (terminal, or waiting for a retry).
+
+    The claim carries the saga and its steps as the log had them; the runner keeps that view
+    current with its own writes (nobody else writes the steps of a saga it owns), and reads the
+    steps again only when the saga turns back.
+    """
 
     def __init__(
         self, step_log: StepLog, definition: Saga, claim: Claim, config: ExecutorConfig,
-        heartbeat: Heartbeat | None = None,
+        lease: Lease | None = None,
     ) -> None:
         self.log, self.definition, self.claim, self.config = step_log, definition, claim, config
-        self.heartbeat = heartbeat
+        self.lease = lease
         self.saga_id, self.epoch = claim.saga_id, claim.epoch
+        self.steps = {record.step: record for record in claim.steps}
 
     def run(self) -> None:
-        saga = self.log.get(self.saga_id)
-        assert saga is not None
-        self.saga = saga
-        if (saga.status == SagaStatus.COMPENSATING
-                and self.claim.attempts > 2 * self.config.max_saga_attempts):
+        claim = self.claim
+        if (claim.status == SagaStatus.COMPENSATING
+                and claim.attempts > 2 * self.config.max_saga_attempts):
             # Compensation itself keeps killing its worker: stop and leave it to an operator.
             self.log.transition_saga(
                 self.saga_id, self.epoch, SagaStatus.FAILED,
-                error=f"compensation interrupted {self.claim.attempts} times; not rolled back: "
-                      + ", ".join(r.step for r in self.log.steps(self.saga_id)
+                error=f"compensation interrupted {claim.attempts} times; not rolled back: "
+                      + ", ".join(r.step for r in self.steps.values()
                                   if r.status in STEP_STATUSES_TO_COMPENSATE),
             )
             return
-        if saga.status == SagaStatus.RUNNING:
+        if claim.status == SagaStatus.RUNNING:
             reason = self._reason_to_turn_back()
             if reason:
                 self.log.transition_saga(self.saga_id, self.epoch, SagaStatus.COMPENSATING,
@@ -122,16 +90,19 @@ class SagaRunner:
         self._run_compensation()
 
     def _reason_to_turn_back(self) -> str | None:
-        steps = {row.step: row for row in self.log.steps(self.saga_id)}
         pivot = self.definition.steps[self.definition.pivot_index()].name
-        if steps[pivot].status == StepStatus.SUCCEEDED:
+        if self.steps[pivot].status == StepStatus.SUCCEEDED:
             return None
-        if self.saga.cancel_requested:
+        if self.claim.cancel_requested:
             return "cancelled by request"
         if self.claim.attempts > self.config.max_saga_attempts:
             return (f"poison: claimed {self.claim.attempts} times without finishing "
                     f"(limit {self.config.max_saga_attempts})")
         return None
+
+    def _recorded(self, step: str, **changes: Any) -> None:
+        """Apply a change this runner has just committed to its view of the step."""
+        self.steps[step] = replace(self.steps[step], **changes)
 
     def _context(self, spec: StepSpec, attempt: int, outputs: dict[str, dict[str, Any]],
                  checkpoint: dict[str, Any] | None, output: dict[str, Any] | None = None,
@@ -139,33 +110,39 @@ class SagaRunner:
         return StepContext(
             saga_id=self.saga_id,
             definition=self.definition.name,
-            dataset=self.saga.dataset,
-            partition_date=self.saga.partition_date,
+            dataset=self.claim.dataset,
+            partition_date=self.claim.partition_date,
             epoch=self.epoch,
             step=spec.name,
             attempt=attempt,
-            request=self.saga.request,
-            manifest=self.saga.manifest,
+            request=self.claim.request,
+            manifest=self.claim.manifest,
             outputs=dict(outputs),
             checkpoint=checkpoint,
             output=output,
-            _save_checkpoint=lambda data: self.log.save_checkpoint(
-                self.saga_id, self.epoch, spec.name, data),
+            _save_checkpoint=lambda data: self._save_checkpoint(spec.name, data),
             _ensure_owner=self._ensure_owner,
         )
 
-    def _ensure_owner(self) -> None:
-        if self.heartbeat is not None and self.heartbeat.lost.is_set():
+    def _save_checkpoint(self, step: str, data: dict[str, Any]) -> None:
+        self.log.save_checkpoint(self.saga_id, self.epoch, step, data)
+        self._recorded(step, checkpoint=data)
+
+    def _check_lease(self) -> None:
+        if self.lease is not None and self.lease.lost.is_set():
             raise LostOwnership(f"saga {self.saga_id}: lease lost")
+
+    def _ensure_owner(self) -> None:
+        """The ownership check of external writes (lake commits): the lease, then the log."""
+        self._check_lease()
         self.log.ensure_owner(self.saga_id, self.epoch)
 
     def _run_forward(self) -> bool:
         """Run the remaining forward steps. True if the saga must now compensate."""
-        rows = {row.step: row for row in self.log.steps(self.saga_id)}
         outputs: dict[str, dict[str, Any]] = {}
         pivot_index = self.definition.pivot_index()
         for index, spec in enumerate(self.definition.steps):
-            row = rows[spec.name]
+            row = self.steps[spec.name]
             if row.status == StepStatus.SUCCEEDED:
                 outputs[spec.name] = row.output or {}
                 continue
@@ -175,11 +152,15 @@ class SagaRunner:
                 self.log.transition_saga(self.saga_id, self.epoch, SagaStatus.COMPENSATING,
                                          error=f"{spec.name} failed: {row.error}")
                 return True
-            if not after_pivot and self.log.cancel_requested(self.saga_id):
+            try:
+                # Cancellation is checked under the saga's lock as the step starts; past the
+                # pivot it is ignored.
+                error = self._run_step(spec, outputs, row.attempt, row.checkpoint,
+                                       unless_cancelled=not after_pivot)
+            except CancelRequested:
                 self.log.transition_saga(self.saga_id, self.epoch, SagaStatus.COMPENSATING,
                                          error="cancelled by request")
                 return True
-            error = self._run_step(spec, outputs, row.attempt, row.checkpoint)
             if error is None:
                 continue
             if after_pivot:
@@ -194,7 +175,7 @@ class SagaRunner:
         return False
 
     def _run_step(self, spec: StepSpec, outputs: dict[str, dict[str, Any]], attempt: int,
-                  checkpoint: dict[str, Any] | None) -> str | None:
+                  checkpoint: dict[str, Any] | None, *, unless_cancelled: bool) -> str | None:
         """Run one step with retries; record the result. Returns the error text on failure."""
         policy = self.config.step_retry
         tries = 0
@@ -204,14 +185,16 @@ class SagaRunner:
             self.log.update_step(
                 self.saga_id, self.epoch, spec.name, StepStatus.RUNNING, kind="step_started",
                 values={"attempt": attempt, "started_at": utcnow(), "error": None},
-                payload={"attempt": attempt},
+                payload={"attempt": attempt}, unless_cancelled=unless_cancelled and tries == 1,
             )
+            self._recorded(spec.name, status=StepStatus.RUNNING, attempt=attempt, error=None)
             ctx = self._context(spec, attempt, outputs, checkpoint)
             try:
                 fault_point(spec.name)
                 with owner_check(self._ensure_owner):
                     output = self.definition.run_action(spec, ctx)
-                self._ensure_owner()
+                # The record below is fenced by the epoch; a lost lease stops the step sooner.
+                self._check_lease()
                 fault_point(f"{spec.name}.before_record")
             except LostOwnership:
                 raise
@@ -230,19 +213,23 @@ class SagaRunner:
                     self.saga_id, self.epoch, spec.name, StepStatus.FAILED, kind="step_failed",
                     values={"error": error, "finished_at": utcnow()}, payload={"error": error},
                 )
+                self._recorded(spec.name, status=StepStatus.FAILED, error=error)
                 return error
             self.log.update_step(
                 self.saga_id, self.epoch, spec.name, StepStatus.SUCCEEDED, kind="step_succeeded",
                 values={"output": output, "finished_at": utcnow()},
                 payload={"attempt": attempt},
             )
+            self._recorded(spec.name, status=StepStatus.SUCCEEDED, output=output)
             fault_point(f"{spec.name}.after_record")
             outputs[spec.name] = output
             return None
 
     def _run_compensation(self) -> None:
         """Undo, in reverse order, every step up to the pivot that may have written anything."""
-        rows = {row.step: row for row in self.log.steps(self.saga_id)}
+        # Turning back is rare: read what the log says rather than trust the runner's view.
+        self.steps = {record.step: record for record in self.log.step_records(self.saga_id)}
+        rows = self.steps
         forward = self.definition.steps[: self.definition.pivot_index() + 1]
         self.log.skip_pending_steps(
             self.saga_id, self.epoch,
@@ -265,7 +252,7 @@ class SagaRunner:
                           f"not rolled back: {', '.join(dict.fromkeys(left_behind))}",
                 )
                 return
-            rows = {row.step: row for row in self.log.steps(self.saga_id)}
+            self._recorded(spec.name, status=StepStatus.COMPENSATED)
         self.log.transition_saga(self.saga_id, self.epoch, SagaStatus.COMPENSATED)
 
     def _compensate_step(self, spec: StepSpec, outputs: dict[str, dict[str, Any]], attempt: int,
@@ -291,7 +278,7 @@ class SagaRunner:
                     ctx = self._context(spec, attempt, outputs, checkpoint, output)
                     with owner_check(self._ensure_owner):
                         result = self.definition.run_compensation(spec, ctx)
-                    self._ensure_owner()
+                    self._check_lease()
                     fault_point(f"{spec.compensation}.before_record")
             except LostOwnership:
                 raise
@@ -330,6 +317,7 @@ class Executor:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._leases = LeaseKeeper(step_log, self.owner, config.lease_ttl_s, describe_error)
 
     def start(self) -> None:
         for i in range(self.config.concurrency):
@@ -346,6 +334,7 @@ class Executor:
         self._wake.set()
         for thread in self._threads:
             thread.join(timeout=timeout_s)
+        self._leases.stop()
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -360,6 +349,11 @@ class Executor:
 
     def run_once(self) -> bool:
         """Claim and run one saga. False when there was nothing to do."""
+        # The claim and the saga's transitions share one connection of the pool.
+        with self.log.db.pinned():
+            return self._claim_and_run()
+
+    def _claim_and_run(self) -> bool:
         claim = self.log.claim_next(self.owner, self.config.lease_ttl_s)
         if claim is None:
             return False
@@ -368,8 +362,8 @@ class Executor:
         try:
             if factory is None:
                 raise UnknownDefinition(f"no saga definition named {claim.definition!r}")
-            with Heartbeat(self.log, claim, self.owner, self.config.lease_ttl_s) as heartbeat:
-                SagaRunner(self.log, factory(), claim, self.config, heartbeat).run()
+            with self._leases.hold(claim) as lease:
+                SagaRunner(self.log, factory(), claim, self.config, lease).run()
         except LostOwnership as exc:
             log.warning("stopped saga %s: %s", claim.saga_id, exc)
         except StepDeferred as exc:

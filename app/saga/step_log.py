@@ -1,9 +1,11 @@
 """The persistent saga log: every status change is a compare-and-set that also checks the
-saga's epoch, and inserts one ``saga_events`` row in the same transaction.
+saga's epoch, and inserts one ``saga_events`` row, numbered per saga, in the same transaction.
 
-Each write first touches the saga row under ``WHERE id AND epoch`` (taking its row lock on
-PostgreSQL, the database lock on SQLite); zero rows means a newer claim owns the saga and the
-caller gets :class:`LostOwnership`. Events are numbered per saga under that same lock.
+Each transition first *fences* the saga row ``WHERE id AND epoch`` (locking it; zero rows means
+a newer claim owns the saga and the caller gets :class:`LostOwnership`), which also yields the
+event number and the saga's cancel flag; then the compare-and-set against
+``ALLOWED_*_TRANSITIONS``; then the event. ``app.saga.statements`` holds the statements and how
+each backend runs them (one transaction on SQLite, one statement on PostgreSQL).
 """
 
 from __future__ import annotations
@@ -13,31 +15,22 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Result, and_, exists, func, insert, or_, select, text, update
+from sqlalchemy import Connection, CursorResult, Result, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm import Session
 
 from app.db.models import SagaEventRow, SagaRow, SagaStepRow
-from app.db.session import Database
+from app.db.session import Database, run_on_driver
 from app.faults import fault_point
-from app.saga.errors import InvalidTransition, LostOwnership
+from app.saga import statements as sql
+from app.saga.errors import CancelRequested, InvalidTransition, LostOwnership
+from app.saga.statements import SAGAS, STEPS
 from app.saga.states import (
-    ACTIVE_SAGA_STATUSES,
     ALLOWED_SAGA_TRANSITIONS,
     SagaStatus,
     StepStatus,
     saga_sources_of,
-    sources_of,
 )
-
-#: Statuses that hold their partition: later sagas of the same partition wait behind them.
-#: ``failed`` is included because its partition may be half rolled back.
-_BLOCKING = [
-    SagaStatus.PENDING.value,
-    SagaStatus.RUNNING.value,
-    SagaStatus.COMPENSATING.value,
-    SagaStatus.FAILED.value,
-]
 
 
 def rowcount(result: Result[Any]) -> int:
@@ -51,12 +44,41 @@ def utcnow() -> datetime:
 
 
 @dataclass(frozen=True)
+class StepRecord:
+    """What the log says about one step of a claimed saga."""
+
+    step: str
+    status: StepStatus
+    attempt: int
+    output: dict[str, Any] | None
+    checkpoint: dict[str, Any] | None
+    error: str | None
+    compensation_attempt: int
+
+
+@dataclass(frozen=True)
 class Claim:
+    """A claimed saga, with everything its run needs, read in the claim's transaction."""
+
     saga_id: str
     epoch: int
     status: SagaStatus
     attempts: int
     definition: str
+    dataset: str
+    partition_date: date
+    request: dict[str, Any]
+    manifest: dict[str, Any]
+    cancel_requested: bool
+    steps: tuple[StepRecord, ...]
+
+
+@dataclass(frozen=True)
+class SagaState:
+    """The saga row as a transition saw it, under the row lock, before its own change."""
+
+    status: SagaStatus
+    cancel_requested: bool
 
 
 @dataclass(frozen=True)
@@ -109,6 +131,7 @@ class StepLog:
                     idempotency_key=new.idempotency_key,
                     request_fingerprint=new.request_fingerprint,
                     epoch=0,
+                    event_seq=1,
                     attempts=0,
                     cancel_requested=False,
                     created_at=now,
@@ -117,14 +140,15 @@ class StepLog:
                 s.add(row)
                 s.flush()
                 s.execute(
-                    insert(SagaStepRow),
+                    insert(STEPS),
                     [
                         {"saga_id": new.id, "step": name, "position": i, "status": "pending",
                          "attempt": 0, "compensation_attempt": 0}
                         for i, name in enumerate(new.steps)
                     ],
                 )
-                _append_event(s, new.id, 0, "created", None, {"status": SagaStatus.PENDING.value})
+                _insert_event(s, new.id, 1, 0, "created", None,
+                              {"status": SagaStatus.PENDING.value}, now)
             return row, True
         except IntegrityError:
             if new.idempotency_key is None:
@@ -162,6 +186,11 @@ class StepLog:
                 )
             )
 
+    def step_records(self, saga_id: str) -> list[StepRecord]:
+        """The steps as the executor sees them (a read-only transaction, no ORM objects)."""
+        with self.db.reading() as conn:
+            return _step_records(conn, saga_id)
+
     def events(self, saga_id: str, after_seq: int = 0, limit: int = 1000) -> list[SagaEventRow]:
         with self.db.sessions() as s:
             return list(
@@ -177,100 +206,80 @@ class StepLog:
         """Claim one runnable saga: pending, or active with an expired lease (crash recovery).
 
         The oldest non-terminal saga of a partition goes first; the others wait behind it.
+        The claim also reads the saga and its steps, so running it needs no other read.
         """
         now = utcnow()
-        other = aliased(SagaRow)
-        earlier_blocker = exists().where(
-            other.dataset == SagaRow.dataset,
-            other.partition_date == SagaRow.partition_date,
-            other.status.in_(_BLOCKING),
-            or_(
-                other.created_at < SagaRow.created_at,
-                and_(other.created_at == SagaRow.created_at, other.id < SagaRow.id),
-            ),
-        )
-        runnable = or_(
-            SagaRow.status == SagaStatus.PENDING.value,
-            and_(
-                SagaRow.status.in_([s.value for s in ACTIVE_SAGA_STATUSES]),
-                or_(SagaRow.lease_expires_at.is_(None), SagaRow.lease_expires_at < now),
-            ),
-        )
-        query = (
-            select(SagaRow.id, SagaRow.epoch, SagaRow.status, SagaRow.attempts, SagaRow.definition)
-            .where(
-                runnable,
-                or_(SagaRow.not_before.is_(None), SagaRow.not_before <= now),
-                ~earlier_blocker,
-            )
-            .order_by(SagaRow.created_at, SagaRow.id)
-            .limit(1)
-        )
-        with self.db.transaction() as s:
-            if self.db.is_postgres:
-                query = query.with_for_update(skip_locked=True, of=SagaRow)
-            found = s.execute(query).first()
+        params = {"c_now": now, "c_owner": owner,
+                  "c_until": now + timedelta(seconds=lease_ttl_s)}
+        claim = self._claim_pg(params) if self.db.is_postgres else self._claim(params)
+        if claim is not None:
+            fault_point("saga.claimed")
+        return claim
+
+    def _claim(self, params: dict[str, Any]) -> Claim | None:
+        with self.db.writing() as conn:
+            found = run_on_driver(conn, sql.CLAIM_CANDIDATE, params).first()
             if found is None:
                 return None
-            saga_id, epoch, status, attempts, definition = found
+            saga_id, epoch, status, attempts = found.id, found.epoch, found.status, found.attempts
             new_status = SagaStatus.RUNNING if status == SagaStatus.PENDING else SagaStatus(status)
-            result = s.execute(
-                update(SagaRow)
-                .where(SagaRow.id == saga_id, SagaRow.epoch == epoch, SagaRow.status == status)
-                .values(
-                    status=new_status.value,
-                    epoch=epoch + 1,
-                    attempts=attempts + 1,
-                    lease_owner=owner,
-                    lease_expires_at=now + timedelta(seconds=lease_ttl_s),
-                    not_before=None,
-                    updated_at=now,
-                )
-            )
-            if rowcount(result) != 1:
+            claimed = run_on_driver(conn, sql.CLAIM, {
+                **params, "c_id": saga_id, "c_epoch": epoch, "c_status": status,
+                "c_new_status": new_status.value,
+            }).first()
+            if claimed is None:
                 return None
-            payload: dict[str, Any] = {"owner": owner, "attempts": attempts + 1}
+            payload: dict[str, Any] = {"owner": params["c_owner"], "attempts": attempts + 1}
             if new_status.value != status:
                 payload.update({"from": status, "to": new_status.value})
-            _append_event(s, saga_id, epoch + 1, "claimed", None, payload)
-        fault_point("saga.claimed")
-        return Claim(saga_id, epoch + 1, new_status, attempts + 1, definition)
+            _insert_event(conn, saga_id, claimed.event_seq, epoch + 1, "claimed", None, payload,
+                          params["c_now"])
+            steps = _step_records(conn, saga_id)
+        return Claim(saga_id, epoch + 1, new_status, attempts + 1, claimed.definition,
+                     claimed.dataset, claimed.partition_date, claimed.request, claimed.manifest,
+                     bool(claimed.cancel_requested), tuple(steps))
+
+    def _claim_pg(self, params: dict[str, Any]) -> Claim | None:
+        with self.db.autocommit() as conn:
+            row = run_on_driver(conn, sql.PG_CLAIM, params).first()
+        if row is None:
+            return None
+        steps = tuple(StepRecord(step, StepStatus(status), *rest)
+                      for step, status, *rest in row.steps or ())
+        return Claim(row.id, row.epoch, SagaStatus(row.status), row.attempts, row.definition,
+                     row.dataset, row.partition_date, row.request, row.manifest,
+                     bool(row.cancel_requested), steps)
 
     def renew_lease(self, saga_id: str, epoch: int, owner: str, lease_ttl_s: float) -> bool:
-        now = utcnow()
-        with self.db.transaction() as s:
-            result = s.execute(
-                update(SagaRow)
-                .where(
-                    SagaRow.id == saga_id,
-                    SagaRow.epoch == epoch,
-                    SagaRow.lease_owner == owner,
-                    SagaRow.status.in_([x.value for x in ACTIVE_SAGA_STATUSES]),
-                )
-                .values(lease_expires_at=now + timedelta(seconds=lease_ttl_s))
-            )
+        until = utcnow() + timedelta(seconds=lease_ttl_s)
+        with self.db.writing() as conn:
+            result = conn.execute(sql.RENEW_LEASE, {"r_id": saga_id, "r_epoch": epoch,
+                                                    "r_owner": owner, "r_until": until})
             return rowcount(result) == 1
 
     def release(self, saga_id: str, epoch: int, *, retry_after_s: float | None = None) -> None:
         """Give the lease up; with ``retry_after_s`` the saga is claimable again after that."""
         now = utcnow()
         not_before = now + timedelta(seconds=retry_after_s) if retry_after_s is not None else None
-        with self.db.transaction() as s:
-            s.execute(
-                update(SagaRow)
-                .where(SagaRow.id == saga_id, SagaRow.epoch == epoch)
+        with self.db.writing() as conn:
+            conn.execute(
+                update(SAGAS)
+                .where(SAGAS.c.id == saga_id, SAGAS.c.epoch == epoch)
                 .values(lease_owner=None, lease_expires_at=None, not_before=not_before)
             )
 
     def ensure_owner(self, saga_id: str, epoch: int) -> None:
-        with self.db.sessions() as s:
-            current = s.scalar(select(SagaRow.epoch).where(SagaRow.id == saga_id))
+        """Raise LostOwnership unless ``epoch`` is still the saga's (fencing of external writes)."""
+        with self.db.reading() as conn:
+            row = run_on_driver(conn, sql.OWNER_EPOCH, {"s_id": saga_id}).first()
+        current = None if row is None else row.epoch
         if current != epoch:
             raise LostOwnership(f"saga {saga_id}: epoch {epoch} superseded by {current}")
 
     def cancel_requested(self, saga_id: str) -> bool:
-        with self.db.sessions() as s:
-            return bool(s.scalar(select(SagaRow.cancel_requested).where(SagaRow.id == saga_id)))
+        with self.db.reading() as conn:
+            return bool(conn.scalar(select(SAGAS.c.cancel_requested)
+                                    .where(SAGAS.c.id == saga_id)))
 
     def transition_saga(
         self, saga_id: str, epoch: int, target: SagaStatus, *, error: str | None = None
@@ -278,21 +287,36 @@ class StepLog:
         if not saga_sources_of(target):
             raise InvalidTransition(f"no transition leads to {target}")
         now = utcnow()
-        with self.db.transaction() as s:
-            current = lock_owned(s, saga_id, epoch)
-            if target not in ALLOWED_SAGA_TRANSITIONS[SagaStatus(current)]:
-                raise InvalidTransition(f"saga {saga_id}: {current} -> {target}")
-            values: dict[str, Any] = {"status": target.value, "updated_at": now}
-            if error is not None:
-                values["error"] = error
-            if target in (SagaStatus.SUCCEEDED, SagaStatus.COMPENSATED, SagaStatus.FAILED):
-                values.update(finished_at=now, lease_owner=None, lease_expires_at=None)
-            _cas(s, SagaRow, [SagaRow.id == saga_id, SagaRow.epoch == epoch,
-                              SagaRow.status == current], values, saga_id)
-            payload: dict[str, Any] = {"from": current, "to": target.value}
-            if error:
-                payload["error"] = error
-            _append_event(s, saga_id, epoch, "status", None, payload)
+        values: dict[str, Any] = {"updated_at": now}
+        if error is not None:
+            values["error"] = error
+        if target in (SagaStatus.SUCCEEDED, SagaStatus.COMPENSATED, SagaStatus.FAILED):
+            values.update(finished_at=now, lease_owner=None, lease_expires_at=None)
+        payload: dict[str, Any] = {"to": target.value}
+        if error:
+            payload["error"] = error
+        names = tuple(sorted(values))
+        params = {"f_id": saga_id, "f_epoch": epoch, "f_now": now,
+                  **{f"v_{name}": values[name] for name in names}}
+        if self.db.is_postgres:
+            with self.db.autocommit() as conn:
+                row = run_on_driver(conn, sql.pg_saga_transition(target, names),
+                                    {**params, "e_payload": payload}).first()
+            if row is None:
+                raise LostOwnership(f"saga {saga_id}: epoch {epoch} is no longer the owner")
+            if not row.logged:
+                raise InvalidTransition(f"saga {saga_id}: {row.status} -> {target}")
+        else:
+            with self.db.writing() as conn:
+                seq, current = _fence(conn, saga_id, epoch, now)
+                if target not in ALLOWED_SAGA_TRANSITIONS[current.status]:
+                    raise InvalidTransition(f"saga {saga_id}: {current.status} -> {target}")
+                cas = run_on_driver(conn, sql.saga_cas(target, names),
+                                    {**params, "c_from": current.status.value})
+                if cas.rowcount != 1:
+                    raise LostOwnership(f"compare-and-set failed: {saga_id}")
+                _insert_event(conn, saga_id, seq, epoch, "status", None,
+                              {"from": current.status.value, **payload}, now)
         fault_point(f"saga.{target.value}")
 
     def update_step(
@@ -305,53 +329,77 @@ class StepLog:
         kind: str,
         values: dict[str, Any],
         payload: dict[str, Any] | None = None,
-    ) -> None:
-        """Move a step to ``target`` (compare-and-set on its current status and the epoch)."""
-        with self.db.transaction() as s:
-            lock_owned(s, saga_id, epoch)
-            _cas(
-                s,
-                SagaStepRow,
-                [SagaStepRow.saga_id == saga_id, SagaStepRow.step == step,
-                 SagaStepRow.status.in_(sources_of(target))],
-                {"status": target.value, **values},
-                f"{saga_id}/{step} -> {target}",
-                error=InvalidTransition,
-            )
-            _append_event(s, saga_id, epoch, kind, step, {"to": target.value, **(payload or {})})
+        unless_cancelled: bool = False,
+    ) -> SagaState:
+        """Move a step to ``target`` (compare-and-set on its current status and the epoch).
+
+        Returns the saga as the transition saw it. With ``unless_cancelled``, a saga whose
+        cancellation was requested is left unchanged and :class:`CancelRequested` is raised,
+        so a step never starts after its saga was cancelled.
+        """
+        now = utcnow()
+        names = tuple(sorted(values))
+        params = {"f_id": saga_id, "f_epoch": epoch, "f_now": now, "c_step": step,
+                  **{f"v_{name}": values[name] for name in names}}
+        event = {"to": target.value, **(payload or {})}
+        if self.db.is_postgres:
+            with self.db.autocommit() as conn:
+                row = run_on_driver(
+                    conn, sql.pg_step_transition(target, names, unless_cancelled),
+                    {**params, "e_kind": kind, "e_payload": event}).first()
+            if row is None:
+                raise LostOwnership(f"saga {saga_id}: epoch {epoch} is no longer the owner")
+            saga = SagaState(SagaStatus(row.status), bool(row.cancel_requested))
+            if unless_cancelled and saga.cancel_requested:
+                raise CancelRequested(f"saga {saga_id}: cancelled by request")
+            if not row.logged:
+                raise InvalidTransition(f"compare-and-set failed: {saga_id}/{step} -> {target}")
+            return saga
+        with self.db.writing() as conn:
+            seq, saga = _fence(conn, saga_id, epoch, now)
+            if unless_cancelled and saga.cancel_requested:
+                raise CancelRequested(f"saga {saga_id}: cancelled by request")
+            cas = run_on_driver(conn, sql.step_cas(target, names), {**params, "c_saga": saga_id})
+            if cas.rowcount != 1:
+                raise InvalidTransition(f"compare-and-set failed: {saga_id}/{step} -> {target}")
+            _insert_event(conn, saga_id, seq, epoch, kind, step, event, now)
+        return saga
 
     def save_checkpoint(self, saga_id: str, epoch: int, step: str, data: dict[str, Any]) -> None:
-        with self.db.transaction() as s:
-            lock_owned(s, saga_id, epoch)
-            s.execute(
-                update(SagaStepRow)
-                .where(SagaStepRow.saga_id == saga_id, SagaStepRow.step == step)
+        now = utcnow()
+        with self.db.writing() as conn:
+            seq, _ = _fence(conn, saga_id, epoch, now)
+            conn.execute(
+                update(STEPS)
+                .where(STEPS.c.saga_id == saga_id, STEPS.c.step == step)
                 .values(checkpoint=data)
             )
-            _append_event(s, saga_id, epoch, "checkpoint", step, data)
+            _insert_event(conn, saga_id, seq, epoch, "checkpoint", step, data, now)
         fault_point(f"{step}.after_checkpoint")
 
     def skip_pending_steps(self, saga_id: str, epoch: int, steps: Iterable[str]) -> None:
         names = list(steps)
         if not names:
             return
-        with self.db.transaction() as s:
-            lock_owned(s, saga_id, epoch)
-            result = s.execute(
-                update(SagaStepRow)
-                .where(SagaStepRow.saga_id == saga_id, SagaStepRow.step.in_(names),
-                       SagaStepRow.status == StepStatus.PENDING.value)
+        now = utcnow()
+        with self.db.writing() as conn:
+            _lock(conn, saga_id, epoch, now)
+            result = conn.execute(
+                update(STEPS)
+                .where(STEPS.c.saga_id == saga_id, STEPS.c.step.in_(names),
+                       STEPS.c.status == StepStatus.PENDING.value)
                 .values(status=StepStatus.SKIPPED.value)
             )
             if rowcount(result):
-                _append_event(s, saga_id, epoch, "steps_skipped", None, {"steps": names})
+                _append_event(conn, saga_id, epoch, "steps_skipped", None, {"steps": names}, now)
 
     def record_event(
         self, saga_id: str, epoch: int, kind: str, step: str | None, payload: dict[str, Any]
     ) -> None:
-        with self.db.transaction() as s:
-            lock_owned(s, saga_id, epoch)
-            _append_event(s, saga_id, epoch, kind, step, payload)
+        now = utcnow()
+        with self.db.writing() as conn:
+            seq, _ = _fence(conn, saga_id, epoch, now)
+            _insert_event(conn, saga_id, seq, epoch, kind, step, payload, now)
 
     def retry_failed(self, saga_id: str) -> bool:
         """Send a ``failed`` saga back to ``compensating`` with a fresh attempt budget.
@@ -360,83 +408,87 @@ class StepLog:
         False when the saga is not ``failed``.
         """
         now = utcnow()
-        with self.db.transaction() as s:
-            earlier = s.scalar(select(SagaRow.error).where(SagaRow.id == saga_id))
-            row = s.execute(
-                update(SagaRow)
-                .where(SagaRow.id == saga_id, SagaRow.status == SagaStatus.FAILED.value)
+        with self.db.writing() as conn:
+            earlier = conn.scalar(select(SAGAS.c.error).where(SAGAS.c.id == saga_id))
+            row = conn.execute(
+                update(SAGAS)
+                .where(SAGAS.c.id == saga_id, SAGAS.c.status == SagaStatus.FAILED.value)
                 .values(status=SagaStatus.COMPENSATING.value, attempts=0, lease_owner=None,
                         lease_expires_at=None, not_before=None, finished_at=None,
-                        updated_at=now,
+                        updated_at=now, event_seq=SAGAS.c.event_seq + 1,
                         error=f"retried by an operator after: {earlier}"[:4000])
-                .returning(SagaRow.epoch)
+                .returning(SAGAS.c.epoch, SAGAS.c.event_seq)
             ).first()
             if row is None:
                 return False
-            _append_event(s, saga_id, row[0], "status", None,
+            _insert_event(conn, saga_id, row.event_seq, row.epoch, "status", None,
                           {"from": SagaStatus.FAILED.value, "to": SagaStatus.COMPENSATING.value,
-                           "reason": "retry requested"})
+                           "reason": "retry requested"}, now)
         return True
 
     def request_cancel(self, saga_id: str) -> SagaRow | None:
         """Flag a saga for cancellation; its owner compensates it at the next step boundary."""
+        now = utcnow()
         with self.db.transaction() as s:
-            row = s.get(SagaRow, saga_id, with_for_update=True)
-            if row is None:
-                return None
-            if not row.cancel_requested:
-                row.cancel_requested = True
-                row.updated_at = utcnow()
-                s.flush()
-                _append_event(s, saga_id, row.epoch, "cancel_requested", None, {})
-            return row
+            flagged = s.execute(
+                update(SAGAS)
+                .where(SAGAS.c.id == saga_id, SAGAS.c.cancel_requested.is_(False))
+                .values(cancel_requested=True, updated_at=now, event_seq=SAGAS.c.event_seq + 1)
+                .returning(SAGAS.c.epoch, SAGAS.c.event_seq)
+            ).first()
+            if flagged is not None:
+                _insert_event(s, saga_id, flagged.event_seq, flagged.epoch, "cancel_requested",
+                              None, {}, now)
+            return s.get(SagaRow, saga_id)
 
 
-def lock_owned(s: Session, saga_id: str, epoch: int) -> str:
+def lock_owned(s: Session | Connection, saga_id: str, epoch: int) -> str:
     """Touch the saga row under the caller's epoch (locking it) and return its status.
 
     Raises LostOwnership when a newer claim has superseded the epoch.
     """
-    result = s.execute(
-        update(SagaRow)
-        .where(SagaRow.id == saga_id, SagaRow.epoch == epoch)
-        .values(updated_at=utcnow())
-        .returning(SagaRow.status)
-    )
-    status = result.scalar_one_or_none()
+    return _lock(s, saga_id, epoch, utcnow())
+
+
+def _lock(s: Session | Connection, saga_id: str, epoch: int, now: datetime) -> str:
+    status = s.execute(sql.LOCK, {"f_id": saga_id, "f_epoch": epoch, "f_now": now}).scalar()
     if status is None:
         raise LostOwnership(f"saga {saga_id}: epoch {epoch} is no longer the owner")
     return str(status)
 
 
-def _cas(
-    s: Session,
-    model: type,
-    conditions: list[Any],
-    values: dict[str, Any],
-    what: str,
-    error: type[Exception] = LostOwnership,
-) -> None:
-    result = s.execute(update(model).where(*conditions).values(**values))
-    if rowcount(result) != 1:
-        raise error(f"compare-and-set failed: {what}")
+def _fence(conn: Connection, saga_id: str, epoch: int, now: datetime) -> tuple[int, SagaState]:
+    """Lock the saga row under the caller's epoch and take the next event number.
+
+    Returns that number and the saga's state; raises LostOwnership when a newer claim has
+    superseded the epoch. The caller's transaction must insert the event or roll back.
+    """
+    row = run_on_driver(conn, sql.FENCE, {"f_id": saga_id, "f_epoch": epoch, "f_now": now}).first()
+    if row is None:
+        raise LostOwnership(f"saga {saga_id}: epoch {epoch} is no longer the owner")
+    return row.event_seq, SagaState(SagaStatus(row.status), bool(row.cancel_requested))
 
 
-def _append_event(
-    s: Session, saga_id: str, epoch: int, kind: str, step: str | None, payload: dict[str, Any]
-) -> None:
-    seq = s.scalar(
-        select(func.coalesce(func.max(SagaEventRow.seq), 0)).where(SagaEventRow.saga_id == saga_id)
-    )
-    s.add(
-        SagaEventRow(
-            saga_id=saga_id,
-            seq=int(seq or 0) + 1,
-            kind=kind,
-            step=step,
-            epoch=epoch,
-            payload=payload,
-            created_at=utcnow(),
-        )
-    )
-    s.flush()
+def _step_records(conn: Connection, saga_id: str) -> list[StepRecord]:
+    return [
+        StepRecord(r.step, StepStatus(r.status), r.attempt, r.output, r.checkpoint, r.error,
+                   r.compensation_attempt)
+        for r in run_on_driver(conn, sql.STEP_RECORDS, {"s_id": saga_id}).rows
+    ]
+
+
+def _append_event(conn: Session | Connection, saga_id: str, epoch: int, kind: str,
+                  step: str | None, payload: dict[str, Any], now: datetime) -> None:
+    """Number and insert an event; the caller already holds the saga row's lock."""
+    seq = conn.execute(sql.NEXT_SEQ, {"f_id": saga_id}).scalar_one()
+    _insert_event(conn, saga_id, seq, epoch, kind, step, payload, now)
+
+
+def _insert_event(conn: Session | Connection, saga_id: str, seq: int, epoch: int, kind: str,
+                  step: str | None, payload: dict[str, Any], now: datetime) -> None:
+    values = {"saga_id": saga_id, "seq": seq, "kind": kind, "step": step, "epoch": epoch,
+              "payload": payload, "created_at": now}
+    if isinstance(conn, Connection):
+        run_on_driver(conn, sql.INSERT_EVENT, values)
+    else:
+        conn.execute(sql.INSERT_EVENT, values)

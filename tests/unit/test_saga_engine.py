@@ -15,15 +15,22 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import text, update
 
 from app.db.models import SagaRow
 from app.db.session import Database
 from app.saga.definition import Saga, StepContext, action, compensate
-from app.saga.errors import InvalidTransition, LostOwnership, PermanentError, TransientError
+from app.saga.errors import (
+    CancelRequested,
+    InvalidTransition,
+    LostOwnership,
+    PermanentError,
+    TransientError,
+)
 from app.saga.executor import Executor, ExecutorConfig
 from app.saga.retry import RetryPolicy
 from app.saga.states import ALLOWED_SAGA_TRANSITIONS, SagaStatus, StepStatus
@@ -852,3 +859,267 @@ def test_poison__compensation_that_keeps_dying_ends_failed(
     assert script.done() == ["a", "b"]
     assert set(script.done("undo")) == {"b"}
     assert_valid_log(step_log, saga_id)
+
+
+def events_numbered(step_log: StepLog, saga_id: str) -> int:
+    """The saga's event count, checking that ``sagas.event_seq`` is the last event's number."""
+    seqs = [e.seq for e in step_log.events(saga_id)]
+    assert seqs == list(range(1, len(seqs) + 1))
+    assert saga(step_log, saga_id).event_seq == len(seqs)
+    return len(seqs)
+
+
+def test_event_numbering__event_seq_follows_every_kind_of_write(
+    step_log: StepLog, script: Script
+) -> None:
+    script.failures["b"] = [PermanentError("no")]
+    saga_id = create(step_log)
+    assert events_numbered(step_log, saga_id) == 1
+    make_executor(step_log, script).drain()
+
+    assert saga(step_log, saga_id).status == SagaStatus.COMPENSATED
+    kinds = {e.kind for e in step_log.events(saga_id)}
+    assert {"claimed", "status", "step_failed", "steps_skipped",
+            "compensation_succeeded"} <= kinds
+    numbered = events_numbered(step_log, saga_id)
+    step_log.request_cancel(saga_id)
+    step_log.request_cancel(saga_id)  # already flagged: no second event
+    assert events_numbered(step_log, saga_id) == numbered + 1
+
+
+def test_event_numbering__a_refused_transition_writes_nothing(step_log: StepLog) -> None:
+    saga_id = create(step_log)
+    claim = step_log.claim_next("w", lease_ttl_s=30)
+    assert claim is not None
+    before = events_numbered(step_log, saga_id)
+    with pytest.raises(InvalidTransition):
+        step_log.update_step(saga_id, claim.epoch, "a", StepStatus.SUCCEEDED,
+                             kind="step_succeeded", values={"output": {}})
+    with pytest.raises(InvalidTransition):
+        step_log.transition_saga(saga_id, claim.epoch, SagaStatus.COMPENSATED)
+    with pytest.raises(LostOwnership):
+        step_log.update_step(saga_id, claim.epoch + 1, "a", StepStatus.RUNNING,
+                             kind="step_started", values={"attempt": 1})
+    assert events_numbered(step_log, saga_id) == before
+    assert step_statuses(step_log, saga_id)["a"] == "pending"
+
+    step_log.update_step(saga_id, claim.epoch, "a", StepStatus.RUNNING, kind="step_started",
+                         values={"attempt": 1})
+    assert events_numbered(step_log, saga_id) == before + 1
+
+
+def test_event_numbering__concurrent_writers_of_one_saga_stay_contiguous(
+    step_log: StepLog
+) -> None:
+    # The runner, the API (cancel) and catalog/outbox writes may touch one saga at once: each
+    # numbers its event under the saga's row lock.
+    saga_id = create(step_log)
+    claim = step_log.claim_next("w", lease_ttl_s=30)
+    assert claim is not None
+    errors: list[BaseException] = []
+
+    def steps() -> None:
+        try:
+            for i in range(40):
+                step_log.update_step(saga_id, claim.epoch, "a", StepStatus.RUNNING,
+                                     kind="step_started", values={"attempt": i + 1})
+        except BaseException as exc:
+            errors.append(exc)
+
+    def notes() -> None:
+        try:
+            for i in range(40):
+                step_log.record_event(saga_id, claim.epoch, "note", None, {"i": i})
+                step_log.renew_lease(saga_id, claim.epoch, "w", lease_ttl_s=30)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=steps), threading.Thread(target=notes),
+               threading.Thread(target=lambda: step_log.request_cancel(saga_id))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=45)
+    assert errors == []
+    assert events_numbered(step_log, saga_id) == 2 + 40 + 40 + 1
+
+
+def test_cancel__requested_after_a_step_is_seen_as_the_next_one_starts(
+    step_log: StepLog
+) -> None:
+    saga_id = create(step_log)
+    claim = step_log.claim_next("w", lease_ttl_s=30)
+    assert claim is not None and claim.cancel_requested is False
+    state = step_log.update_step(saga_id, claim.epoch, "a", StepStatus.RUNNING,
+                                 kind="step_started", values={"attempt": 1},
+                                 unless_cancelled=True)
+    assert state.status == SagaStatus.RUNNING and state.cancel_requested is False
+    step_log.request_cancel(saga_id)
+    numbered = events_numbered(step_log, saga_id)
+
+    with pytest.raises(CancelRequested):
+        step_log.update_step(saga_id, claim.epoch, "b", StepStatus.RUNNING,
+                             kind="step_started", values={"attempt": 1}, unless_cancelled=True)
+
+    assert step_statuses(step_log, saga_id)["b"] == "pending"
+    assert events_numbered(step_log, saga_id) == numbered
+    # Past the pivot a cancellation is ignored: the caller does not ask.
+    state = step_log.update_step(saga_id, claim.epoch, "b", StepStatus.RUNNING,
+                                 kind="step_started", values={"attempt": 1})
+    assert state.cancel_requested is True
+
+
+def test_claim__carries_the_saga_and_its_steps(step_log: StepLog) -> None:
+    saga_id = create(step_log, request={"source": "s3://raw", "n": 3})
+    step_log.request_cancel(saga_id)
+
+    claim = step_log.claim_next("w", lease_ttl_s=30)
+
+    assert claim is not None
+    assert (claim.saga_id, claim.epoch, claim.status, claim.attempts) == (
+        saga_id, 1, SagaStatus.RUNNING, 1)
+    assert claim.definition == Pipeline.name
+    assert (claim.dataset, claim.partition_date) == ("clicks", PARTITION)
+    assert claim.request == {"source": "s3://raw", "n": 3}
+    assert claim.manifest["files"][0]["sha256"] == "0" * 64
+    assert claim.cancel_requested is True
+    assert [(s.step, s.status, s.attempt, s.output) for s in claim.steps] == [
+        (name, StepStatus.PENDING, 0, None) for name in "abcd"]
+    claimed = [e for e in step_log.events(saga_id) if e.kind == "claimed"]
+    assert [(e.epoch, e.payload) for e in claimed] == [
+        (1, {"owner": "w", "attempts": 1, "from": "pending", "to": "running"})]
+
+
+def test_claim__takes_the_oldest_of_pending_and_abandoned_sagas(
+    db: Database, step_log: StepLog
+) -> None:
+    first = create(step_log)
+    second = create(step_log, partition=PARTITION + timedelta(days=1))
+    third = create(step_log, partition=PARTITION + timedelta(days=2))
+    claims = [step_log.claim_next("w", lease_ttl_s=30) for _ in range(2)]
+    assert [c.saga_id for c in claims if c] == [first, second]
+    expire_lease(db, first)
+
+    again = step_log.claim_next("rescuer", lease_ttl_s=30)
+    assert again is not None and (again.saga_id, again.epoch) == (first, 2)
+    assert again.status == SagaStatus.RUNNING
+    recovered = [e for e in step_log.events(first) if e.kind == "claimed"][-1]
+    assert recovered.payload == {"owner": "rescuer", "attempts": 2}
+    last = step_log.claim_next("w", lease_ttl_s=30)
+    assert last is not None and last.saga_id == third
+    assert step_log.claim_next("w", lease_ttl_s=30) is None
+
+
+def test_lease__one_heartbeat_thread_renews_every_saga_of_an_executor(
+    step_log: StepLog, script: Script
+) -> None:
+    config = ExecutorConfig(step_retry=CONFIG.step_retry, lease_ttl_s=0.6)
+    saga_ids = [create(step_log, partition=PARTITION + timedelta(days=i)) for i in range(3)]
+    executor = make_executor(step_log, script, config, name=f"worker-{uuid.uuid4().hex[:6]}")
+    heartbeats: list[int] = []
+    thief_claims: list[object] = []
+
+    def slow(ctx: StepContext) -> None:
+        time.sleep(1.0)
+        heartbeats.append(sum(t.name == f"heartbeat {executor.owner}" and t.is_alive()
+                              for t in threading.enumerate()))
+        thief_claims.append(step_log.claim_next("thief", lease_ttl_s=30))
+
+    script.hooks["a"] = slow
+    threads = [threading.Thread(target=executor.run_once) for _ in saga_ids]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    executor.stop()
+
+    assert thief_claims == [None, None, None]
+    assert heartbeats == [1, 1, 1]
+    for saga_id in saga_ids:
+        row = saga(step_log, saga_id)
+        assert row.status == SagaStatus.SUCCEEDED and row.epoch == 1
+
+
+def test_lease__a_lease_taken_over_stops_the_step_before_it_records(
+    db: Database, step_log: StepLog, script: Script
+) -> None:
+    config = ExecutorConfig(step_retry=CONFIG.step_retry, lease_ttl_s=0.6)
+    saga_id = create(step_log)
+
+    def taken_over(ctx: StepContext) -> None:
+        expire_lease(db, ctx.saga_id)
+        assert step_log.claim_next("thief", lease_ttl_s=30) is not None
+        time.sleep(0.8)  # the heartbeat finds the lease gone
+
+    script.hooks["a"] = taken_over
+    assert make_executor(step_log, script, config).run_once() is True
+
+    assert step_statuses(step_log, saga_id)["a"] == "running"
+    assert not [e for e in step_log.events(saga_id) if e.kind == "step_succeeded"]
+    assert saga(step_log, saga_id).lease_owner == "thief"
+
+
+def test_connections__one_the_server_closed_is_replaced(
+    db: Database, step_log: StepLog
+) -> None:
+    if not db.is_postgres:
+        pytest.skip("SQLite connections are files")
+    import psycopg
+
+    saga_id = create(step_log)
+
+    def end_every_session() -> None:
+        with psycopg.connect(db.engine.url.set(drivername="postgresql").render_as_string(
+                hide_password=False), autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                          "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        time.sleep(0.2)
+
+    with db.pinned():
+        claim = step_log.claim_next("w", lease_ttl_s=30)
+        assert claim is not None
+        end_every_session()  # the pinned connection and the pooled ones
+        step_log.update_step(saga_id, claim.epoch, "a", StepStatus.RUNNING,
+                             kind="step_started", values={"attempt": 1})
+    end_every_session()
+    step_log.renew_lease(saga_id, claim.epoch, "w", lease_ttl_s=30)
+    assert saga(step_log, saga_id).lease_owner == "w"
+    assert step_statuses(step_log, saga_id)["a"] == "running"
+
+
+def test_migration__event_seq_is_backfilled_from_the_events(tmp_path: Path) -> None:
+    from sqlalchemy import insert
+
+    from app.db.migrate import upgrade
+    from app.db.models import SagaEventRow
+    from app.saga.statements import STEPS
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    upgrade(url, "0002")
+    old = Database(url)
+    try:
+        now = utcnow()
+        with old.engine.begin() as conn:
+            conn.execute(text(
+                "INSERT INTO sagas (id, definition, dataset, partition_date, status, request, "
+                "manifest, owner, request_fingerprint, epoch, attempts, cancel_requested, "
+                "created_at, updated_at) VALUES ('s1', :d, 'clicks', '2026-01-06', 'pending', "
+                "'{}', '{}', '', '', 0, 0, 0, :now, :now)"), {"d": Pipeline.name, "now": now})
+            conn.execute(insert(STEPS), [{"saga_id": "s1", "step": name, "position": i,
+                                          "status": "pending", "attempt": 0,
+                                          "compensation_attempt": 0}
+                                         for i, name in enumerate("abcd")])
+            conn.execute(insert(SagaEventRow.__table__), [
+                {"saga_id": "s1", "seq": seq, "kind": "note", "step": None, "epoch": 0,
+                 "payload": {}, "created_at": now} for seq in (1, 2, 3)])
+    finally:
+        old.dispose()
+    upgrade(url)
+    db = Database(url)
+    try:
+        step_log = StepLog(db)
+        assert saga(step_log, "s1").event_seq == 3
+        assert step_log.claim_next("w", lease_ttl_s=30) is not None
+        assert [e.seq for e in step_log.events("s1")] == [1, 2, 3, 4]
+    finally:
+        db.dispose()

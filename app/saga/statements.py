@@ -1,0 +1,330 @@
+"""The saga log's hot-path statements, built once per process (SQLAlchemy Core, no ORM).
+
+A transition is three steps under the saga's row lock: the *fence* (the saga row ``WHERE id
+AND epoch``: ownership, the next event number, the saga's status and cancel flag), the
+compare-and-set of a step or saga status, and the event insert. SQLite runs them as three
+statements in one ``BEGIN IMMEDIATE`` transaction. PostgreSQL runs them as one statement of
+data-modifying CTEs in autocommit — one round trip, atomic as any single statement — where the
+fence is ``SELECT … FOR UPDATE``, and the event number is taken only if the compare-and-set
+matched, so a refused transition writes nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, cast
+
+from sqlalchemy import (
+    CTE,
+    DateTime,
+    Integer,
+    Select,
+    String,
+    Table,
+    Update,
+    and_,
+    bindparam,
+    case,
+    exists,
+    func,
+    insert,
+    literal,
+    literal_column,
+    or_,
+    select,
+    union_all,
+    update,
+)
+from sqlalchemy.dialects.postgresql import JSONB, aggregate_order_by
+
+from app.db.models import SagaEventRow, SagaRow, SagaStepRow
+from app.saga.states import ACTIVE_SAGA_STATUSES, SagaStatus, StepStatus, saga_sources_of, sources_of
+
+SAGAS = cast(Table, SagaRow.__table__)
+STEPS = cast(Table, SagaStepRow.__table__)
+EVENTS = cast(Table, SagaEventRow.__table__)
+
+#: Statuses that hold their partition: later sagas of the same partition wait behind them.
+#: ``failed`` is included because its partition may be half rolled back.
+BLOCKING = [
+    SagaStatus.PENDING.value,
+    SagaStatus.RUNNING.value,
+    SagaStatus.COMPENSATING.value,
+    SagaStatus.FAILED.value,
+]
+ACTIVE = [s.value for s in ACTIVE_SAGA_STATUSES]
+EVENT_COLUMNS = ["saga_id", "seq", "kind", "step", "epoch", "payload", "created_at"]
+
+#: The fence: lock the saga row under the caller's epoch and take the next event number.
+FENCE = (
+    update(SAGAS)
+    .where(SAGAS.c.id == bindparam("f_id"), SAGAS.c.epoch == bindparam("f_epoch"))
+    .values(event_seq=SAGAS.c.event_seq + 1, updated_at=bindparam("f_now"))
+    .returning(SAGAS.c.event_seq, SAGAS.c.status, SAGAS.c.cancel_requested)
+)
+#: The fence without an event (writes outside the log: catalog, outbox).
+LOCK = (
+    update(SAGAS)
+    .where(SAGAS.c.id == bindparam("f_id"), SAGAS.c.epoch == bindparam("f_epoch"))
+    .values(updated_at=bindparam("f_now"))
+    .returning(SAGAS.c.status)
+)
+#: The next event number of a saga whose row the transaction already holds.
+NEXT_SEQ = (
+    update(SAGAS)
+    .where(SAGAS.c.id == bindparam("f_id"))
+    .values(event_seq=SAGAS.c.event_seq + 1)
+    .returning(SAGAS.c.event_seq)
+)
+INSERT_EVENT = insert(EVENTS)
+RENEW_LEASE = (
+    update(SAGAS)
+    .where(SAGAS.c.id == bindparam("r_id"), SAGAS.c.epoch == bindparam("r_epoch"),
+           SAGAS.c.lease_owner == bindparam("r_owner"), SAGAS.c.status.in_(ACTIVE))
+    .values(lease_expires_at=bindparam("r_until"))
+)
+OWNER_EPOCH = select(SAGAS.c.epoch).where(SAGAS.c.id == bindparam("s_id"))
+STEP_RECORD_COLUMNS = (STEPS.c.step, STEPS.c.status, STEPS.c.attempt, STEPS.c.output,
+                       STEPS.c.checkpoint, STEPS.c.error, STEPS.c.compensation_attempt)
+STEP_RECORDS = (
+    select(*STEP_RECORD_COLUMNS)
+    .where(STEPS.c.saga_id == bindparam("s_id"))
+    .order_by(STEPS.c.position)
+)
+#: What a claim returns about the saga besides its identity.
+CLAIMED_COLUMNS = [SAGAS.c.event_seq, SAGAS.c.definition, SAGAS.c.dataset,
+                   SAGAS.c.partition_date, SAGAS.c.request, SAGAS.c.manifest,
+                   SAGAS.c.cancel_requested]
+
+
+def _status(value: str) -> Any:
+    """A status constant written into the SQL: SQLite uses a partial index only for a query
+    that repeats its WHERE terms literally, and a constant costs nothing per execution."""
+    assert value.isalpha(), value
+    return literal_column(f"'{value}'", String)
+
+
+def _status_in(column: Any, values: list[str]) -> Any:
+    return column.in_([_status(v) for v in values])
+
+
+def _event_values(source: CTE, payload: Any, *, kind: Any, step: Any) -> Select[Any]:
+    """The event row, numbered by ``source.event_seq``, as a SELECT for INSERT … SELECT."""
+    return select(source.c.id, source.c.event_seq, kind, step,
+                  bindparam("f_epoch", type_=Integer), payload,
+                  bindparam("f_now", type_=DateTime))
+
+
+def _runnable(waiting: Any) -> Select[Any]:
+    """The oldest saga matching ``waiting`` that may run now (``c_now``) and whose partition
+    has no older unfinished saga: walked in ``ix_sagas_fifo`` order, so it stops at the first."""
+    other = SAGAS.alias("earlier")
+    now = bindparam("c_now", type_=DateTime)
+    earlier_blocker = exists().where(
+        other.c.dataset == SAGAS.c.dataset,
+        other.c.partition_date == SAGAS.c.partition_date,
+        _status_in(other.c.status, BLOCKING),
+        or_(
+            other.c.created_at < SAGAS.c.created_at,
+            and_(other.c.created_at == SAGAS.c.created_at, other.c.id < SAGAS.c.id),
+        ),
+    )
+    return (
+        select(SAGAS.c.id, SAGAS.c.epoch, SAGAS.c.status, SAGAS.c.attempts, SAGAS.c.created_at)
+        .where(waiting, or_(SAGAS.c.not_before.is_(None), SAGAS.c.not_before <= now),
+               ~earlier_blocker)
+        .order_by(SAGAS.c.created_at, SAGAS.c.id)
+        .limit(1)
+    )
+
+
+#: The claimable sagas in two kinds, each found in FIFO order: pending ones, and active ones
+#: whose lease has expired (their worker died). A claim takes the older of the two.
+PENDING = _runnable(SAGAS.c.status == _status(SagaStatus.PENDING.value))
+ABANDONED = _runnable(and_(
+    _status_in(SAGAS.c.status, ACTIVE),
+    or_(SAGAS.c.lease_expires_at.is_(None),
+        SAGAS.c.lease_expires_at < bindparam("c_now", type_=DateTime)),
+))
+
+
+def _oldest(*arms: Any) -> Select[Any]:
+    both = union_all(*(select(arm) for arm in arms)).subquery("runnable")
+    return select(both).order_by(both.c.created_at, both.c.id).limit(1)
+
+
+#: SQLite: the saga to claim (``CLAIM`` then takes it under the transaction's database lock).
+CLAIM_CANDIDATE = _oldest(PENDING.subquery("pending"), ABANDONED.subquery("abandoned"))
+#: Claim the candidate found by ``CLAIM_CANDIDATE`` (compare-and-set on its epoch and status).
+CLAIM = (
+    update(SAGAS)
+    .where(SAGAS.c.id == bindparam("c_id"), SAGAS.c.epoch == bindparam("c_epoch"),
+           SAGAS.c.status == bindparam("c_status"))
+    .values(status=bindparam("c_new_status"), epoch=SAGAS.c.epoch + 1,
+            attempts=SAGAS.c.attempts + 1, event_seq=SAGAS.c.event_seq + 1,
+            lease_owner=bindparam("c_owner"), lease_expires_at=bindparam("c_until"),
+            not_before=None, updated_at=bindparam("c_now"))
+    .returning(*CLAIMED_COLUMNS)
+)
+
+
+def _pg_claim() -> Select[Any]:
+    """PostgreSQL: the claim, its ``claimed`` event and the saga's steps in one statement.
+
+    One row, the steps as a JSON array of ``STEP_RECORD_COLUMNS``; none when nothing is
+    claimable.
+    """
+    candidate = _oldest(
+        PENDING.with_for_update(skip_locked=True, of=SAGAS).cte("pending"),
+        ABANDONED.with_for_update(skip_locked=True, of=SAGAS).cte("abandoned"),
+    ).cte("candidate")
+    new_status = case((candidate.c.status == _status(SagaStatus.PENDING.value),
+                       _status(SagaStatus.RUNNING.value)), else_=candidate.c.status)
+    claimed = (
+        update(SAGAS)
+        .where(SAGAS.c.id == candidate.c.id)
+        .values(status=new_status, epoch=SAGAS.c.epoch + 1, attempts=SAGAS.c.attempts + 1,
+                event_seq=SAGAS.c.event_seq + 1, lease_owner=bindparam("c_owner"),
+                lease_expires_at=bindparam("c_until"), not_before=None,
+                updated_at=bindparam("c_now"))
+        .returning(SAGAS.c.id, SAGAS.c.epoch, SAGAS.c.status, SAGAS.c.attempts,
+                   candidate.c.status.label("previous"), *CLAIMED_COLUMNS)
+        .cte("claimed")
+    )
+    payload = func.jsonb_build_object(
+        literal("owner", String), bindparam("c_owner", type_=String),
+        literal("attempts", String), claimed.c.attempts, type_=JSONB,
+    ).op("||", return_type=JSONB)(case(
+        (claimed.c.previous != claimed.c.status,
+         func.jsonb_build_object(literal("from", String), claimed.c.previous,
+                                 literal("to", String), claimed.c.status, type_=JSONB)),
+        else_=literal({}, JSONB),
+    ))
+    logged = insert(EVENTS).from_select(
+        EVENT_COLUMNS,
+        select(claimed.c.id, claimed.c.event_seq, literal("claimed", String),
+               literal(None, String), claimed.c.epoch, payload,
+               bindparam("c_now", type_=DateTime)),
+    ).cte("logged")
+    steps = (
+        select(func.jsonb_agg(aggregate_order_by(
+            func.jsonb_build_array(*STEP_RECORD_COLUMNS), STEPS.c.position), type_=JSONB))
+        .where(STEPS.c.saga_id == claimed.c.id)
+        .scalar_subquery()
+    )
+    return select(claimed, steps.label("steps")).add_cte(logged)
+
+
+PG_CLAIM = _pg_claim()
+
+
+@functools.cache
+def step_cas(target: StepStatus, columns: tuple[str, ...]) -> Update:
+    """``UPDATE saga_steps SET status = target, <columns> WHERE status IN (its sources)``.
+
+    Parameters: ``c_saga``, ``c_step``, ``v_<column>``.
+    """
+    return (
+        update(STEPS)
+        .where(STEPS.c.saga_id == bindparam("c_saga"), STEPS.c.step == bindparam("c_step"),
+               _status_in(STEPS.c.status, sources_of(target)))
+        .values(status=target.value, **{name: bindparam(f"v_{name}") for name in columns})
+    )
+
+
+@functools.cache
+def pg_step_transition(target: StepStatus, columns: tuple[str, ...],
+                       unless_cancelled: bool) -> Select[Any]:
+    """PostgreSQL: fence, step compare-and-set and event as one statement.
+
+    Parameters: ``f_id``, ``f_epoch``, ``f_now``, ``c_step``, ``v_<column>``, ``e_kind``,
+    ``e_payload``. Returns no row when the epoch is superseded, else the saga's status and
+    cancel flag and ``logged`` (0 when the step was not in a source status, or the saga was
+    cancelled and ``unless_cancelled``: then nothing was written).
+    """
+    owned = (
+        select(SAGAS.c.id, SAGAS.c.status, SAGAS.c.cancel_requested)
+        .where(SAGAS.c.id == bindparam("f_id"), SAGAS.c.epoch == bindparam("f_epoch"))
+        .with_for_update()
+        .cte("owned")
+    )
+    moved = update(STEPS).where(
+        STEPS.c.saga_id == owned.c.id, STEPS.c.step == bindparam("c_step"),
+        _status_in(STEPS.c.status, sources_of(target)),
+    )
+    if unless_cancelled:
+        moved = moved.where(owned.c.cancel_requested.is_(False))
+    moved_cte = (
+        moved.values(status=target.value, **{name: bindparam(f"v_{name}") for name in columns})
+        .returning(STEPS.c.saga_id)
+        .cte("moved")
+    )
+    numbered = (
+        update(SAGAS)
+        .where(SAGAS.c.id.in_(select(moved_cte.c.saga_id)))
+        .values(event_seq=SAGAS.c.event_seq + 1, updated_at=bindparam("f_now"))
+        .returning(SAGAS.c.id, SAGAS.c.event_seq)
+        .cte("numbered")
+    )
+    logged = (
+        insert(EVENTS)
+        .from_select(EVENT_COLUMNS, _event_values(
+            numbered, bindparam("e_payload", type_=JSONB),
+            kind=bindparam("e_kind", type_=String), step=bindparam("c_step", type_=String)))
+        .returning(EVENTS.c.seq)
+        .cte("logged")
+    )
+    return select(owned.c.status, owned.c.cancel_requested,
+                  select(func.count()).select_from(logged).scalar_subquery().label("logged"))
+
+
+@functools.cache
+def saga_cas(target: SagaStatus, columns: tuple[str, ...]) -> Update:
+    """``UPDATE sagas SET status = target, <columns> WHERE id AND epoch AND status = c_from``.
+
+    Parameters: ``f_id``, ``f_epoch``, ``c_from``, ``v_<column>``.
+    """
+    return (
+        update(SAGAS)
+        .where(SAGAS.c.id == bindparam("f_id"), SAGAS.c.epoch == bindparam("f_epoch"),
+               SAGAS.c.status == bindparam("c_from"))
+        .values(status=target.value, **{name: bindparam(f"v_{name}") for name in columns})
+    )
+
+
+@functools.cache
+def pg_saga_transition(target: SagaStatus, columns: tuple[str, ...]) -> Select[Any]:
+    """PostgreSQL: fence, saga compare-and-set and event as one statement.
+
+    Parameters: ``f_id``, ``f_epoch``, ``f_now``, ``v_<column>``, ``e_payload`` (the event
+    payload without ``from``, which the statement adds). Returns no row when the epoch is
+    superseded, else the saga's status before the change and ``logged`` (0: not allowed from
+    that status, nothing written).
+    """
+    owned = (
+        select(SAGAS.c.id, SAGAS.c.status)
+        .where(SAGAS.c.id == bindparam("f_id"), SAGAS.c.epoch == bindparam("f_epoch"))
+        .with_for_update()
+        .cte("owned")
+    )
+    moved = (
+        update(SAGAS)
+        .where(SAGAS.c.id == owned.c.id, _status_in(owned.c.status, saga_sources_of(target)))
+        .values(status=target.value, event_seq=SAGAS.c.event_seq + 1,
+                **{name: bindparam(f"v_{name}") for name in columns})
+        .returning(SAGAS.c.id, SAGAS.c.event_seq, owned.c.status.label("previous"))
+        .cte("moved")
+    )
+    payload = func.jsonb_build_object(literal("from", String), moved.c.previous,
+                                      type_=JSONB).op("||", return_type=JSONB)(
+        bindparam("e_payload", type_=JSONB))
+    logged = (
+        insert(EVENTS)
+        .from_select(EVENT_COLUMNS, _event_values(moved, payload,
+                                                  kind=literal("status", String),
+                                                  step=literal(None, String)))
+        .returning(EVENTS.c.seq)
+        .cte("logged")
+    )
+    return select(owned.c.status,
+                  select(func.count()).select_from(logged).scalar_subquery().label("logged"))
