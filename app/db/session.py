@@ -113,6 +113,8 @@ class _DriverStatement:
     positions: tuple[str, ...] | None
     #: One per result column, or None when no column needs processing.
     result_processors: tuple[Callable[[Any], Any] | None, ...] | None
+    #: Parameters without a value of their own: the caller must give them.
+    required: frozenset[str]
     row_type: Any = None
 
     @classmethod
@@ -127,7 +129,9 @@ class _DriverStatement:
                         for column in getattr(statement, "exported_columns", ()))
         return cls(str(compiled), dict(compiled.params), binds,
                    tuple(compiled.positiontup) if compiled.positiontup else None,
-                   results if any(results) else None)
+                   results if any(results) else None,
+                   frozenset(name for name, bind in compiled.binds.items()
+                             if bind.required and name in compiled.params))
 
 
 @dataclass(frozen=True)
@@ -157,6 +161,9 @@ def run_on_driver(connection: Connection, statement: ClauseElement,
     compiled = _driver_statements.get(key)
     if compiled is None:
         compiled = _driver_statements[key] = _DriverStatement.compile(statement, dialect)
+    missing = compiled.required.difference(params)
+    if missing:
+        raise exc.ArgumentError(f"no value for the parameters {sorted(missing)}")
     values = {**compiled.defaults, **params}
     for name, process in compiled.bind_processors.items():
         values[name] = process(values[name])
@@ -195,6 +202,10 @@ class Database:
         self.engine = make_engine(self.url,
                                   idle_in_transaction_timeout_s=idle_in_transaction_timeout_s)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        #: Sessions that only read: on SQLite they take no write lock (``BEGIN``, not
+        #: ``BEGIN IMMEDIATE``), so they do not queue behind writers.
+        self.read_sessions = sessionmaker(self.engine.execution_options(**{READ_ONLY: True}),
+                                          expire_on_commit=False)
         self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         self._pins = threading.local()
 

@@ -98,8 +98,8 @@ CLAIMED_COLUMNS = [SAGAS.c.event_seq, SAGAS.c.definition, SAGAS.c.dataset,
 
 
 def _status(value: str) -> Any:
-    """A status constant written into the SQL: SQLite uses a partial index only for a query
-    that repeats its WHERE terms literally, and a constant costs nothing per execution."""
+    """A status constant written into the SQL (an enum value, never user text): the planners
+    see the exact values, and nothing is bound per execution."""
     assert value.isalpha(), value
     return literal_column(f"'{value}'", String)
 
@@ -116,8 +116,8 @@ def _event_values(source: CTE, payload: Any, *, kind: Any, step: Any) -> Select[
 
 
 def _runnable(waiting: Any) -> Select[Any]:
-    """The oldest saga matching ``waiting`` that may run now (``c_now``) and whose partition
-    has no older unfinished saga: walked in ``ix_sagas_fifo`` order, so it stops at the first."""
+    """The oldest saga matching ``waiting`` that may run now (``c_now``) and has no older
+    blocking saga in its partition: walked in ``ix_sagas_fifo`` order, it stops at the first."""
     other = SAGAS.alias("earlier")
     now = bindparam("c_now", type_=DateTime)
     earlier_blocker = exists().where(

@@ -168,16 +168,16 @@ class StepLog:
                                      f"(limit {max_active})")
 
     def find_by_idempotency_key(self, owner: str, key: str) -> SagaRow | None:
-        with self.db.sessions() as s:
+        with self.db.read_sessions() as s:
             return s.scalars(select(SagaRow).where(SagaRow.owner == owner,
                                                    SagaRow.idempotency_key == key)).first()
 
     def get(self, saga_id: str) -> SagaRow | None:
-        with self.db.sessions() as s:
+        with self.db.read_sessions() as s:
             return s.get(SagaRow, saga_id)
 
     def steps(self, saga_id: str) -> list[SagaStepRow]:
-        with self.db.sessions() as s:
+        with self.db.read_sessions() as s:
             return list(
                 s.scalars(
                     select(SagaStepRow)
@@ -192,7 +192,7 @@ class StepLog:
             return _step_records(conn, saga_id)
 
     def events(self, saga_id: str, after_seq: int = 0, limit: int = 1000) -> list[SagaEventRow]:
-        with self.db.sessions() as s:
+        with self.db.read_sessions() as s:
             return list(
                 s.scalars(
                     select(SagaEventRow)

@@ -1123,3 +1123,25 @@ def test_migration__event_seq_is_backfilled_from_the_events(tmp_path: Path) -> N
         assert [e.seq for e in step_log.events("s1")] == [1, 2, 3, 4]
     finally:
         db.dispose()
+
+
+def test_reads__do_not_wait_for_a_sqlite_writer(db: Database, step_log: StepLog) -> None:
+    if db.is_postgres:
+        pytest.skip("PostgreSQL readers never wait for writers")
+    import sqlite3
+
+    saga_id = create(step_log)
+    assert db.engine.url.database is not None
+    writer = sqlite3.connect(db.engine.url.database, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")
+    try:
+        started = time.monotonic()
+        assert saga(step_log, saga_id).status == SagaStatus.PENDING
+        assert [s.step for s in step_log.steps(saga_id)] == ["a", "b", "c", "d"]
+        assert [e.seq for e in step_log.events(saga_id)] == [1]
+        assert [r.step for r in step_log.step_records(saga_id)] == ["a", "b", "c", "d"]
+        step_log.ensure_owner(saga_id, 0)
+        assert time.monotonic() - started < 5
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
