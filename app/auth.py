@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 
 from app.db.models import ApiKeyRow
-from app.db.session import Database
+from app.db.session import Database, run_on_driver
 from app.saga.step_log import rowcount, utcnow
 
 SCOPES = ("read", "write", "admin")
@@ -90,14 +90,23 @@ def revoke_key(db: Database, key_id: str) -> bool:
     return rowcount(result) == 1
 
 
+#: Built once: the only query on the path of every request.
+_KEY_BY_ID = select(ApiKeyRow.id, ApiKeyRow.name, ApiKeyRow.secret_hash, ApiKeyRow.scopes,
+                    ApiKeyRow.revoked_at).where(ApiKeyRow.id == bindparam("key_id"))
+
+
 def authenticate(db: Database, token: str) -> Principal | None:
-    """The principal of a valid, unrevoked token; None for anything else."""
+    """The principal of a valid, unrevoked token; None for anything else.
+
+    One primary-key lookup per call, never cached, so that a revocation applies to the next
+    request in every process.
+    """
     match = _TOKEN.fullmatch(token)
     if match is None:
         return None
     key_id, secret = match.groups()
-    with db.sessions() as s:
-        row = s.get(ApiKeyRow, key_id)
+    with db.reading() as conn:
+        row = run_on_driver(conn, _KEY_BY_ID, {"key_id": key_id}).first()
     stored = row.secret_hash if row is not None else _DUMMY_HASH
     if not hmac.compare_digest(stored, _hash(secret)) or row is None or row.revoked_at:
         return None

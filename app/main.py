@@ -36,6 +36,9 @@ def create_app(settings: Settings | None = None, *, run_workers: bool = True,
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = service is None
         svc = service or Service(settings or get_settings())
+        # Load and check the dataset specs before serving (a bad one stops the start): they
+        # are cached once loaded, but the first requests would otherwise all parse them at once.
+        svc.dataset_list()
         if owned and run_workers:
             svc.start_workers()
         app.state.service = svc
@@ -90,11 +93,9 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length")
-        too_large = Problem(413, "Request too large",
-                            f"request bodies are limited to {self.max_bytes} bytes")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            await self._refuse(scope, receive, send, too_large if declared.isdigit() else Problem(
-                400, "Malformed request", "invalid Content-Length"))
+            await self._refuse(scope, receive, send, self._too_large() if declared.isdigit()
+                               else Problem(400, "Malformed request", "invalid Content-Length"))
             return
         body, more = b"", True
         while more:
@@ -104,7 +105,7 @@ class BodyLimit:
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > self.max_bytes:
-                await self._refuse(scope, receive, send, too_large)
+                await self._refuse(scope, receive, send, self._too_large())
                 return
         replayed = False
 
@@ -116,6 +117,10 @@ class BodyLimit:
             return await receive()
 
         await self.app(scope, replay, send)
+
+    def _too_large(self) -> Problem:
+        return Problem(413, "Request too large",
+                       f"request bodies are limited to {self.max_bytes} bytes")
 
     @staticmethod
     async def _refuse(scope: Scope, receive: Receive, send: Send, problem: Problem) -> None:

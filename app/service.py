@@ -12,13 +12,13 @@ import uuid
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import and_, delete, or_, select
+from sqlalchemy import BigInteger, Select, and_, bindparam, cast, delete, func, or_, select
 from sqlalchemy.exc import IntegrityError
 
 from app.auth import RateLimiter
 from app.db.migrate import upgrade
 from app.db.models import ConsumerRow, SagaRow, SagaStepRow
-from app.db.session import Database
+from app.db.session import Database, run_on_driver
 from app.errors import Problem
 from app.faults import configure_faults
 from app.lakehouse.catalog import current_entries
@@ -29,7 +29,7 @@ from app.notify.outbox import deliveries_for_saga
 from app.notify.urls import UnsafeUrl, check_webhook_url
 from app.saga.executor import Executor, ExecutorConfig
 from app.saga.retry import RetryPolicy
-from app.saga.states import SagaStatus
+from app.saga.states import SagaStatus, StepStatus
 from app.saga.step_log import ActiveLimitReached, NewSaga, StepLog, rowcount, utcnow
 from app.settings import Settings
 
@@ -56,6 +56,7 @@ class Service:
         self.log = StepLog(self.db)
         self.rate_limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
         self.executor: Executor | None = None
+        self._saga_query = _saga_query(self.db.is_postgres)
         self._dispatcher: Any = None
         self._lake: Any = None
 
@@ -127,9 +128,11 @@ class Service:
         partition_date = date.fromisoformat(body["partition_date"])
         print_fp = fingerprint(body)
         if idempotency_key is not None:
-            existing = self.log.find_by_idempotency_key(owner, idempotency_key)
+            with self.db.reading() as conn:
+                existing = run_on_driver(conn, _IDEMPOTENT_QUERY, {
+                    "owner": owner, "key": idempotency_key}).first()
             if existing is not None:
-                return self._replay(existing, print_fp), False
+                return self._replay(existing.id, existing.request_fingerprint, print_fp), False
         source = body["source"]
         s = self.settings
         try:
@@ -153,29 +156,37 @@ class Service:
             raise Problem(429, "Too many active sagas", f"{exc}; wait for some to finish",
                           headers={"Retry-After": "5"}) from exc
         if not created:
-            return self._replay(row, print_fp), False
+            return self._replay(row.id, row.request_fingerprint, print_fp), False
         if self.executor is not None:
             self.executor.wake()
-        return self.saga(row.id), True
+        return _accepted_view(row, LakehouseIngestionSaga.step_names()), True
 
-    def _replay(self, existing: SagaRow, print_fp: str) -> dict[str, Any]:
-        if existing.request_fingerprint != print_fp:
+    def _replay(self, saga_id: str, stored_fp: str, print_fp: str) -> dict[str, Any]:
+        if stored_fp != print_fp:
             raise Problem(422, "Idempotency key reused",
                           "this Idempotency-Key was already used with a different request body")
-        return self.saga(existing.id)
+        return self.saga(saga_id)
 
     def saga(self, saga_id: str) -> dict[str, Any]:
-        row = self.log.get(saga_id)
-        if row is None:
-            raise Problem(404, "Saga not found", f"no saga with id {saga_id!r}")
+        """The saga resource, in one round trip: the saga joined with its steps (its manifest
+        summarized by the database). The outbox is read only once the saga is past its pivot:
+        webhooks are queued by the step after it, never before."""
+        with self.db.reading() as conn:
+            rows = run_on_driver(conn, self._saga_query, {"saga_id": saga_id}).rows
+            if not rows:
+                raise Problem(404, "Saga not found", f"no saga with id {saga_id!r}")
+            steps = [_step_view(row) for row in rows if row.step_name is not None]
+            past_pivot = any(step["name"] == LakehouseIngestionSaga.pivot
+                             and step["status"] == StepStatus.SUCCEEDED for step in steps)
+            deliveries = deliveries_for_saga(conn, saga_id) if past_pivot else []
+        row = rows[0]
         return {
             **_saga_summary(row),
-            "source": row.request.get("source"),
-            "manifest": {"files": len(row.manifest["files"]),
-                         "total_bytes": row.manifest["total_bytes"],
-                         "format": row.manifest["format"]},
-            "steps": [_step_view(step) for step in self.log.steps(saga_id)],
-            "deliveries": deliveries_for_saga(self.db, saga_id),
+            "source": row.source,
+            "manifest": {"files": row.manifest_files, "total_bytes": row.manifest_bytes,
+                         "format": row.manifest_format},
+            "steps": steps,
+            "deliveries": deliveries,
         }
 
     def list_sagas(self, *, status: str | None, dataset: str | None,
@@ -284,7 +295,7 @@ class Service:
     def ready(self) -> None:
         from sqlalchemy import text
 
-        with self.db.engine.connect() as conn:
+        with self.db.reading() as conn:
             conn.execute(text("SELECT 1"))
 
 
@@ -293,7 +304,57 @@ def _consumer_view(row: ConsumerRow) -> dict[str, Any]:
             "created_at": iso(row.created_at)}
 
 
-def _saga_summary(row: SagaRow) -> dict[str, Any]:
+_SUMMARY_COLUMNS = ("id", "definition", "dataset", "partition_date", "status", "error",
+                    "attempts", "epoch", "cancel_requested", "created_at", "updated_at",
+                    "finished_at")
+#: Step columns as ``step_<attribute>`` (the saga's own ``status`` and ``error`` keep theirs).
+_STEP_COLUMNS = [SagaStepRow.step.label("step_name"), *(column.label(f"step_{column.key}") for column in (
+    SagaStepRow.status, SagaStepRow.attempt, SagaStepRow.started_at, SagaStepRow.finished_at,
+    SagaStepRow.output, SagaStepRow.error, SagaStepRow.compensation_attempt,
+    SagaStepRow.compensation_output, SagaStepRow.compensation_error,
+    SagaStepRow.compensation_started_at, SagaStepRow.compensation_finished_at))]
+_IDEMPOTENT_QUERY = select(SagaRow.id, SagaRow.request_fingerprint).where(
+    SagaRow.owner == bindparam("owner"), SagaRow.idempotency_key == bindparam("key"))
+
+
+def _saga_query(postgres: bool) -> Select[Any]:
+    """The saga with one row per step, its manifest summarized by the database: a manifest
+    lists every source file (up to LAKESAGA_MAX_SOURCE_FILES), the resource shows counts."""
+    count = (func.jsonb_array_length(SagaRow.manifest["files"]) if postgres
+             else func.json_array_length(SagaRow.manifest, "$.files"))
+    return (
+        select(
+            *(getattr(SagaRow, name) for name in _SUMMARY_COLUMNS),
+            SagaRow.request["source"].label("source"),
+            count.label("manifest_files"),
+            cast(SagaRow.manifest["total_bytes"].as_string(), BigInteger).label("manifest_bytes"),
+            SagaRow.manifest["format"].as_string().label("manifest_format"),
+            *_STEP_COLUMNS,
+        )
+        .outerjoin(SagaStepRow, SagaStepRow.saga_id == SagaRow.id)
+        .where(SagaRow.id == bindparam("saga_id"))
+        .order_by(SagaStepRow.position)
+    )
+
+
+def _accepted_view(row: SagaRow, step_names: list[str]) -> dict[str, Any]:
+    """The resource of a saga just inserted, from what was written (no read back): every step
+    pending, no deliveries; equal to what ``Service.saga`` reads until a worker claims it."""
+    manifest = row.manifest
+    return {
+        **_saga_summary(row),
+        "source": row.request.get("source"),
+        "manifest": {"files": len(manifest["files"]), "total_bytes": manifest["total_bytes"],
+                     "format": manifest["format"]},
+        "steps": [{"name": name, "status": StepStatus.PENDING.value, "attempt": 0,
+                   "started_at": None, "finished_at": None, "duration_s": None, "metrics": {},
+                   "error": None, "compensation": None} for name in step_names],
+        "deliveries": [],
+    }
+
+
+def _saga_summary(row: Any) -> dict[str, Any]:
+    """The summary of a saga from a ``SagaRow`` or a row with its columns by name."""
     return {
         "id": row.id,
         "definition": row.definition,
@@ -310,27 +371,29 @@ def _saga_summary(row: SagaRow) -> dict[str, Any]:
     }
 
 
-def _step_view(step: SagaStepRow) -> dict[str, Any]:
+def _step_view(row: Any) -> dict[str, Any]:
+    """A step of the saga resource, from a row of the saga query (``step_*`` columns)."""
     compensation = None
-    if step.compensation_attempt:
+    if row.step_compensation_attempt:
         compensation = {
-            "status": "compensated" if step.status == "compensated" else "compensating",
-            "attempt": step.compensation_attempt,
-            "started_at": iso(step.compensation_started_at),
-            "finished_at": iso(step.compensation_finished_at),
-            "metrics": step.compensation_output or {},
-            "error": step.compensation_error,
+            "status": "compensated" if row.step_status == "compensated" else "compensating",
+            "attempt": row.step_compensation_attempt,
+            "started_at": iso(row.step_compensation_started_at),
+            "finished_at": iso(row.step_compensation_finished_at),
+            "metrics": row.step_compensation_output or {},
+            "error": row.step_compensation_error,
         }
+    started, finished = row.step_started_at, row.step_finished_at
     return {
-        "name": step.step,
-        "status": step.status,
-        "attempt": step.attempt,
-        "started_at": iso(step.started_at),
-        "finished_at": iso(step.finished_at),
-        "duration_s": (round((step.finished_at - step.started_at).total_seconds(), 3)
-                       if step.started_at and step.finished_at else None),
-        "metrics": step.output or {},
-        "error": step.error,
+        "name": row.step_name,
+        "status": row.step_status,
+        "attempt": row.step_attempt,
+        "started_at": iso(started),
+        "finished_at": iso(finished),
+        "duration_s": (round((finished - started).total_seconds(), 3)
+                       if started and finished else None),
+        "metrics": row.step_output or {},
+        "error": row.step_error,
         "compensation": compensation,
     }
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Connection, bindparam, select
 
 from app.db.models import ConsumerRow, OutboxRow
-from app.db.session import Database
+from app.db.session import Database, run_on_driver
 from app.faults import fault_point
 from app.saga.step_log import lock_owned, utcnow
 
@@ -55,17 +55,21 @@ def enqueue_for_dataset(db: Database, saga_id: str, epoch: int, dataset: str, ev
     return [c.name for c in consumers]
 
 
-def deliveries_for_saga(db: Database, saga_id: str) -> list[dict[str, Any]]:
-    with db.sessions() as s:
-        rows = s.execute(
-            select(OutboxRow, ConsumerRow.name)
-            .join(ConsumerRow, ConsumerRow.id == OutboxRow.consumer_id)
-            .where(OutboxRow.saga_id == saga_id)
-            .order_by(ConsumerRow.name)
-        ).all()
+_DELIVERIES = (
+    select(ConsumerRow.name, OutboxRow.consumer_id, OutboxRow.event_type,
+           OutboxRow.idempotency_key, OutboxRow.status, OutboxRow.attempts,
+           OutboxRow.last_status_code, OutboxRow.last_error, OutboxRow.delivered_at)
+    .join(ConsumerRow, ConsumerRow.id == OutboxRow.consumer_id)
+    .where(OutboxRow.saga_id == bindparam("saga_id"))
+    .order_by(ConsumerRow.name)
+)
+
+
+def deliveries_for_saga(conn: Connection, saga_id: str) -> list[dict[str, Any]]:
+    """The saga's webhook deliveries (payloads left out), read on the caller's connection."""
     return [
         {
-            "consumer": name,
+            "consumer": row.name,
             "consumer_id": row.consumer_id,
             "event": row.event_type,
             "idempotency_key": row.idempotency_key,
@@ -75,5 +79,5 @@ def deliveries_for_saga(db: Database, saga_id: str) -> list[dict[str, Any]]:
             "last_error": row.last_error,
             "delivered_at": row.delivered_at.isoformat() + "Z" if row.delivered_at else None,
         }
-        for row, name in rows
+        for row in run_on_driver(conn, _DELIVERIES, {"saga_id": saga_id}).rows
     ]

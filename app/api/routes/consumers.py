@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
+from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import ADMIN, READ, ServiceDep
 from app.api.problems import PROBLEM_RESPONSES
@@ -14,22 +15,23 @@ router = APIRouter(prefix="/consumers", tags=["consumers"], responses=PROBLEM_RE
 
 
 @router.post("", status_code=201, response_model=ConsumerCreated, dependencies=[ADMIN])
-def create_consumer(body: ConsumerCreate, service: ServiceDep, response: Response) -> dict:
+async def create_consumer(body: ConsumerCreate, service: ServiceDep, response: Response) -> dict:
     """Register a webhook for a dataset (scope `admin`); the URL must not point inside the network."""
-    consumer = service.add_consumer(body.model_dump())
+    consumer = await run_in_threadpool(service.add_consumer, body.model_dump())
     response.headers["Location"] = f"/consumers/{consumer['id']}"
     return consumer
 
 
 @router.get("", response_model=list[Consumer], dependencies=[READ])
-def list_consumers(service: ServiceDep,
-                   dataset: Annotated[str | None, Query(max_length=63)] = None) -> list[dict]:
+async def list_consumers(service: ServiceDep,
+                         dataset: Annotated[str | None, Query(max_length=63)] = None,
+                         ) -> list[dict]:
     """Registered consumers (secrets are never returned)."""
-    return service.consumers(dataset)
+    return await run_in_threadpool(service.consumers, dataset)
 
 
 @router.delete("/{consumer_id}", status_code=204, dependencies=[ADMIN])
-def delete_consumer(consumer_id: str, service: ServiceDep) -> Response:
+async def delete_consumer(consumer_id: str, service: ServiceDep) -> Response:
     """Unregister a consumer (scope `admin`)."""
-    service.remove_consumer(consumer_id)
+    await run_in_threadpool(service.remove_consumer, consumer_id)
     return Response(status_code=204)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import date
 
 from fastapi import APIRouter
+from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import READ, ServiceDep
 from app.api.problems import PROBLEM_RESPONSES
@@ -14,13 +15,13 @@ router = APIRouter(prefix="/datasets", tags=["datasets"], responses=PROBLEM_RESP
 
 
 @router.get("", response_model=list[Dataset], dependencies=[READ])
-def list_datasets(service: ServiceDep) -> list[dict]:
+async def list_datasets(service: ServiceDep) -> list[dict]:
     """Configured datasets: columns, rules, aggregations and their lake tables."""
     return service.dataset_list()
 
 
 @router.get("/{name}/partitions/{partition_date}", response_model=Partition,
             dependencies=[READ])
-def get_partition(name: str, partition_date: date, service: ServiceDep) -> dict:
+async def get_partition(name: str, partition_date: date, service: ServiceDep) -> dict:
     """One partition per layer: rows, lake snapshot, the saga that wrote it, and lineage."""
-    return service.partition(name, partition_date)
+    return await run_in_threadpool(service.partition, name, partition_date)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
+from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import ServiceDep
 from app.api.problems import PROBLEM_RESPONSES
@@ -12,13 +13,13 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz", response_model=Health)
-def healthz() -> dict:
+async def healthz() -> dict:
     """The process is up."""
     return {"status": "ok"}
 
 
 @router.get("/readyz", response_model=Health, responses={503: PROBLEM_RESPONSES[503]})
-def readyz(service: ServiceDep) -> dict:
+async def readyz(service: ServiceDep) -> dict:
     """The saga database answers."""
-    service.ready()
+    await run_in_threadpool(service.ready)
     return {"status": "ready"}
