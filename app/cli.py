@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import signal
 import sys
 import threading
@@ -15,6 +16,8 @@ from rich.console import Console
 from app.settings import get_settings
 
 if TYPE_CHECKING:
+    from fastapi import FastAPI
+
     from app.db.session import Database
 
 cli = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
@@ -34,16 +37,79 @@ def _logging() -> None:
 @cli.command()
 def serve(host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
           port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-          workers: Annotated[bool, typer.Option(help="Run the saga executor in-process.")] = True,
+          workers: Annotated[bool | None, typer.Option(
+              "--workers/--no-workers", show_default=False,
+              help="Run the saga executor in each API process "
+                   "[default: LAKESAGA_SERVE_WORKERS, true].")] = None,
+          processes: Annotated[int | None, typer.Option(
+              min=1, max=64, show_default=False,
+              help="API processes sharing the port, each with its own database pool (and "
+                   "executor) [default: LAKESAGA_SERVE_PROCESSES, 1].")] = None,
           ) -> None:
-    """Run the HTTP API (and, by default, the saga executor) in this process."""
-    import uvicorn
+    """Run the HTTP API (and, by default, the saga executor) in this process, or in N."""
+    import os
+    import socket
 
+    import uvicorn
+    from uvicorn.config import STARTUP_FAILURE
+    from uvicorn.supervisors import Multiprocess
+
+    from app.db.migrate import upgrade
+
+    _logging()
+    settings = get_settings()
+    if settings.auto_migrate:
+        upgrade(settings.database_url)  # once, before any process starts
+    # Each process builds its app with serve_app() from the settings; these two reach the
+    # processes (spawned, not forked) through their environment.
+    os.environ["LAKESAGA_AUTO_MIGRATE"] = "false"
+    if workers is not None:
+        os.environ["LAKESAGA_SERVE_WORKERS"] = str(workers).lower()
+    get_settings.cache_clear()
+    count = processes or settings.serve_processes
+    log_level = settings.log_level.lower()
+    if count == 1:
+        uvicorn.run("app.cli:serve_app", factory=True, host=host, port=port, log_level=log_level)
+        return
+    # uvicorn.run with workers=N exits 0 when the processes fail to start: supervise here.
+    config = uvicorn.Config("app.cli:serve_app", factory=True, host=host, port=port,
+                            log_level=log_level, workers=count)
+    listener = config.bind_socket()
+    # bind_socket() leaves proto at 0, and asyncio enables TCP_NODELAY only on accepted sockets
+    # whose proto is TCP: without it every keep-alive response waits ~40 ms on Nagle and a
+    # delayed ACK (uvicorn issue #3149).
+    listener = socket.socket(listener.family, listener.type, socket.IPPROTO_TCP,
+                             fileno=listener.detach())
+    supervisor = Multiprocess(config, sockets=[listener])
+    supervisor.run()
+    if any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes):
+        raise typer.Exit(STARTUP_FAILURE)
+
+
+def serve_app() -> FastAPI:
+    """The app of one ``lakesaga serve`` process (uvicorn calls it in each process)."""
     from app.main import create_app
 
     _logging()
-    uvicorn.run(create_app(run_workers=workers), host=host, port=port,
-                log_level=get_settings().log_level.lower())
+    parent = multiprocessing.parent_process()
+    if parent is not None and parent.pid is not None:
+        _stop_with_parent(parent.pid)
+    settings = get_settings()
+    return create_app(settings, run_workers=settings.serve_workers)
+
+
+def _stop_with_parent(parent_pid: int) -> None:
+    """Have the kernel send SIGTERM to this process when the supervisor dies, even of SIGKILL,
+    so that no orphan keeps serving the port or running sagas (Linux only)."""
+    import ctypes
+    import os
+
+    libc = ctypes.CDLL(None)
+    pr_set_pdeathsig = 1
+    if not hasattr(libc, "prctl") or libc.prctl(pr_set_pdeathsig, signal.SIGTERM) != 0:
+        return
+    if os.getppid() != parent_pid:  # the supervisor died before prctl
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 @cli.command()

@@ -71,6 +71,11 @@ class Settings(BaseSettings):
     rate_limit_burst: int = Field(default=200, ge=1)
     max_active_sagas_per_key: int = Field(default=100, ge=0)
 
+    #: ``lakesaga serve``: API processes sharing the port, and whether each also runs the saga
+    #: executor and webhook dispatcher (``--processes``, ``--workers/--no-workers``).
+    serve_processes: int = Field(default=1, ge=1, le=64)
+    serve_workers: bool = True
+
     #: Run ``alembic upgrade head`` when the service starts.
     auto_migrate: bool = True
     log_level: str = "INFO"
