@@ -4,18 +4,20 @@ the executor), its per-key rate and active-saga limits off.
 
     python bench/api.py --quick         # SQLite and PostgreSQL, 8 connections, 3 s per phase
     python bench/api.py                 # 1, 8 and 32 connections, 15 s per phase (2 s warm-up)
+    python bench/api.py --processes 1,2 # each backend with one API process, then with two
 
 The client is a minimal asyncio HTTP/1.1 keep-alive client (one request in flight per
 connection), so that on a small machine it takes as little CPU as possible from the server;
-its CPU time and the server's are reported beside the numbers. Each POST has its own
-``Idempotency-Key`` (as a careful client would send) and names a small source (one file,
-hashed at accept time, as every POST does for sources under 256 MiB).
+its CPU time and the server's (all of its processes) are reported beside the numbers. Each
+POST has its own ``Idempotency-Key`` (as a careful client would send) and names a small source
+(one file, hashed at accept time, as every POST does for sources under 256 MiB).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
 import sys
@@ -103,7 +105,19 @@ async def load(port: int, token: str, connections: int, warmup_s: float, measure
             "client_cpu_s": cpu, "_bodies": bodies}
 
 
-def bench_backend(backend: str, a: argparse.Namespace, data: dict[str, Any]) -> dict[str, Any]:
+def server_cpu_s(proc: Any) -> float:
+    """User + system CPU of the server and its child processes (``--processes N``)."""
+    import psutil
+
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += sum(p.cpu_times()[:2])
+    return total
+
+
+def bench_backend(backend: str, processes: int, a: argparse.Namespace,
+                  data: dict[str, Any]) -> dict[str, Any]:
     import psutil
 
     work = harness.fresh_dir(harness.WORK / "api")
@@ -118,19 +132,20 @@ def bench_backend(backend: str, a: argparse.Namespace, data: dict[str, Any]) -> 
                        "source": {"path": f"clickstream/{harness.PARTITION}/*.ndjson",
                                   "format": "json"}}).encode()
     levels = []
-    with harness.Server(env, workers=False) as server:
+    with harness.Server(env, workers=False, processes=processes) as server:
         proc = psutil.Process(server.proc.pid)  # type: ignore[union-attr]
         ids: list[str] = []
         for connections in a.connections:
             def post(n: int, i: int, c: int = connections) -> tuple[str, str, bytes, dict[str, str]]:
                 return "POST", "/sagas", body, {"Idempotency-Key": f"bench-{c}-{n}-{i}"}
 
-            cpu0 = sum(proc.cpu_times()[:2])
+            cpu0 = server_cpu_s(proc)
             result = asyncio.run(load(server.port, token, connections, a.warmup, a.seconds, post))
-            result["server_cpu_s"] = sum(proc.cpu_times()[:2]) - cpu0
+            result["server_cpu_s"] = server_cpu_s(proc) - cpu0
             ids += [json.loads(b)["id"] for b in result.pop("_bodies")]
             levels.append({"endpoint": "POST /sagas", **result})
-            print(f"  {backend:<8} POST /sagas     {connections:>3} conns {result['req_per_s']:8.1f} "
+            print(f"  {backend:<8} {processes} proc POST /sagas     {connections:>3} conns "
+                  f"{result['req_per_s']:8.1f} "
                   f"req/s  p50 {result['p50_ms']} ms  p99 {result['p99_ms']} ms", flush=True)
 
             rng = random.Random(connections)
@@ -139,28 +154,31 @@ def bench_backend(backend: str, a: argparse.Namespace, data: dict[str, Any]) -> 
                     pool: list[str] = ids) -> tuple[str, str, bytes, dict[str, str]]:
                 return "GET", f"/sagas/{r.choice(pool)}", b"", {}
 
-            cpu0 = sum(proc.cpu_times()[:2])
+            cpu0 = server_cpu_s(proc)
             result = asyncio.run(load(server.port, token, connections, a.warmup, a.seconds, get))
-            result["server_cpu_s"] = sum(proc.cpu_times()[:2]) - cpu0
+            result["server_cpu_s"] = server_cpu_s(proc) - cpu0
             result.pop("_bodies")
             levels.append({"endpoint": "GET /sagas/{id}", **result})
-            print(f"  {backend:<8} GET /sagas/{{id}} {connections:>3} conns {result['req_per_s']:8.1f} "
+            print(f"  {backend:<8} {processes} proc GET /sagas/{{id}} {connections:>3} conns "
+                  f"{result['req_per_s']:8.1f} "
                   f"req/s  p50 {result['p50_ms']} ms  p99 {result['p99_ms']} ms", flush=True)
         peak = server.stop().maxrss_mib
     if backend == "postgres":
         harness.drop_pg_database("bench_api")
-    return {"backend": backend, "levels": levels, "server_peak_rss_mib": peak,
-            "sagas_created": len(ids)}
+    return {"backend": backend, "processes": processes, "levels": levels,
+            "server_peak_rss_mib": peak, "sagas_created": len(ids)}
 
 
 def render(result: dict[str, Any]) -> str:
     rows = []
     for b in result["backends"]:
         for lv in b["levels"]:
-            rows.append([b["backend"], lv["endpoint"], lv["connections"], lv["req_per_s"],
+            rows.append([b["backend"], b.get("processes", 1), lv["endpoint"], lv["connections"],
+                         lv["req_per_s"],
                          lv["p50_ms"], lv["p99_ms"], lv["requests"] - lv["ok"],
                          lv["server_cpu_s"] / lv["seconds"], lv["client_cpu_s"] / lv["seconds"]])
-    return harness.table(["saga db", "endpoint", "connections", "req/s", "p50 ms", "p99 ms",
+    return harness.table(["saga db", "API processes", "endpoint", "connections", "req/s",
+                          "p50 ms", "p99 ms",
                           "non-2xx", "server CPU (cores)", "client CPU (cores)"], rows)
 
 
@@ -172,6 +190,8 @@ def main() -> None:
     p.add_argument("--seconds", type=float, help="measured seconds per phase (default 15)")
     p.add_argument("--warmup", type=float, help="unmeasured seconds first (default 2)")
     p.add_argument("--backends", default="sqlite,postgres")
+    p.add_argument("--processes", default="1",
+                   help="comma-separated `lakesaga serve --processes` values to run (e.g. 1,2)")
     p.add_argument("--source-records", type=int, default=1000,
                    help="records in the one source file each POST names (hashed at accept)")
     a = p.parse_args()
@@ -183,7 +203,8 @@ def main() -> None:
     harness.print_header("API (POST /sagas, GET /sagas/{id})", a.quick)
     data = ensure_data(a.source_records, 1)
     print(f"source: {a.source_records:,} records, one file of {data['bytes'] / 1024:,.0f} KiB")
-    backends = [bench_backend(b, a, data) for b in a.backends.split(",")]
+    backends = [bench_backend(b, int(n), a, data) for b in a.backends.split(",")
+                for n in a.processes.split(",")]
     result = {"source_bytes": data["bytes"], "source_records": a.source_records,
               "backends": backends}
     path = harness.write_result("api", a.quick, result)

@@ -293,6 +293,8 @@ class Server:
 
     env: dict[str, str]
     workers: bool = True
+    #: ``--processes``: API processes (uvicorn workers under one supervisor process).
+    processes: int = 1
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
@@ -307,6 +309,8 @@ class Server:
         cmd = [lakesaga_bin(), "serve", "--host", "127.0.0.1", "--port", str(self.port)]
         if not self.workers:
             cmd.append("--no-workers")
+        if self.processes > 1:
+            cmd += ["--processes", str(self.processes)]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, env=self.env, stdout=log,  # noqa: S603
                                          stderr=subprocess.STDOUT, cwd=ROOT)
