@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import re
 from datetime import date
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 Identifier = Field(pattern=r"^[a-z][a-z0-9_]{0,62}$")
+
+_ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+def _iso_date_text(value: Any) -> Any:
+    """Only ``YYYY-MM-DD`` text names a date: pydantic alone reads ``0`` or ``"0"`` as a Unix
+    timestamp (1970-01-01), which would ingest into a partition nobody asked for."""
+    if isinstance(value, date) or (isinstance(value, str) and _ISO_DATE.fullmatch(value)):
+        return value
+    raise ValueError("must be a date written YYYY-MM-DD")
+
+
+IsoDate = Annotated[date, BeforeValidator(_iso_date_text)]
 
 
 class Source(BaseModel):
@@ -24,7 +38,7 @@ class SagaCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     dataset: str = Field(pattern=r"^[a-z][a-z0-9_]{0,62}$", examples=["clickstream"])
-    partition_date: date = Field(examples=["2026-01-06"])
+    partition_date: IsoDate = Field(examples=["2026-01-06"])
     source: Source
 
 

@@ -388,6 +388,11 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any], int, str]] = [
     ("unknown_dataset", _saga_body(dataset="nope"), 404, "nope"),
     ("month_13", _saga_body(partition_date="2026-13-45"), 422, "partition_date"),
     ("word_date", _saga_body(partition_date="yesterday"), 422, "partition_date"),
+    # pydantic alone reads these as Unix timestamps (1970-01-01 for 0)
+    ("number_date", _saga_body(partition_date=0), 422, "YYYY-MM-DD"),
+    ("numeric_text_date", _saga_body(partition_date="0"), 422, "YYYY-MM-DD"),
+    ("timestamp_date", _saga_body(partition_date=1767657600), 422, "YYYY-MM-DD"),
+    ("compact_date", _saga_body(partition_date="20260106"), 422, "YYYY-MM-DD"),
     ("glob_matches_nothing", _saga_body(source={"path": "clickstream/1999-01-01/*.ndjson",
                                                 "format": "json"}), 422, "matches no file"),
     ("dotdot", _saga_body(source={"path": "../x/*.ndjson", "format": "json"}), 422, ".."),
@@ -431,6 +436,15 @@ def test_post_saga__invalid_json_body_is_422(live: Live) -> None:
         _assert_problem(resp, 422)
     assert live.client.get("/sagas").json()["items"] == []
     assert live.table_counts()["sagas"] == 0
+
+
+def test_dates_in_query_and_path__only_yyyy_mm_dd(live: Live) -> None:
+    for value in ("0", "1767657600", "20260106", "2026-1-6"):
+        _assert_problem(live.client.get("/sagas", params={"partition_date": value}), 422,
+                        "YYYY-MM-DD")
+        _assert_problem(live.client.get(f"/datasets/clickstream/partitions/{value}"), 422,
+                        "YYYY-MM-DD")
+    assert live.client.get("/sagas", params={"partition_date": PARTITION}).status_code == 200
 
 
 def test_get_saga__unknown_id_is_404(live: Live) -> None:

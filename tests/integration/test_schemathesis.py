@@ -32,10 +32,10 @@ Off:
     (a glob matching no file) or 400 (a cursor this API never issued);
   - ``negative_data_rejection``: the hooks swap known-good values into cases generated as
     invalid, and the test re-adds the ``Authorization`` header a negative case removed, so a 2xx
-    there is expected. (Left on, it also reports that ``partition_date=0`` is accepted: pydantic
-    reads a number as a Unix timestamp.)
+    there is expected.
 Found so far, and fixed: ``GET /sagas/{id}/events?after=2**63`` was a 500 (SQLite overflow);
-a 405's ``Allow`` named only the first route of the path.
+a 405's ``Allow`` named only the first route of the path; ``partition_date=0`` was accepted as
+1970-01-01 (pydantic reads a number as a Unix timestamp; dates are now ``YYYY-MM-DD`` text only).
 """
 
 from __future__ import annotations

@@ -8,7 +8,6 @@ connection (no lock on SQLite) cost less than the hop (see ``app.api.deps``).
 
 from __future__ import annotations
 
-from datetime import date
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
@@ -16,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import READ, WRITE, IdempotencyKeyDep, ServiceDep, WriteKey
 from app.api.problems import PROBLEM_RESPONSES
-from app.api.schemas import EventPage, Saga, SagaCreate, SagaPage
+from app.api.schemas import EventPage, IsoDate, Saga, SagaCreate, SagaPage
 
 router = APIRouter(prefix="/sagas", tags=["sagas"], responses=PROBLEM_RESPONSES)
 
@@ -49,7 +48,7 @@ async def list_sagas(
     service: ServiceDep,
     status: Annotated[str | None, SagaStatusFilter] = None,
     dataset: Annotated[str | None, Query(max_length=63)] = None,
-    partition_date: date | None = None,
+    partition_date: IsoDate | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> dict:
