@@ -328,3 +328,73 @@ def pg_saga_transition(target: SagaStatus, columns: tuple[str, ...]) -> Select[A
     )
     return select(owned.c.status,
                   select(func.count()).select_from(logged).scalar_subquery().label("logged"))
+
+
+# -- a new saga ------------------------------------------------------------------------------------
+
+#: The columns a new saga is given per request; the rest start as constants or NULL.
+NEW_SAGA_COLUMNS = ("id", "definition", "dataset", "partition_date", "request", "manifest",
+                    "owner", "idempotency_key", "request_fingerprint", "created_at")
+
+
+def _new_saga() -> dict[str, Any]:
+    values: dict[str, Any] = {name: bindparam(name, type_=SAGAS.c[name].type)
+                              for name in NEW_SAGA_COLUMNS}
+    return {**values, "updated_at": bindparam("created_at", type_=DateTime),
+            "status": _status(SagaStatus.PENDING.value), "epoch": 0, "event_seq": 1,
+            "attempts": 0, "cancel_requested": False}
+
+
+def _created_event(saga_id: Any) -> dict[str, Any]:
+    """Event 1 of a new saga, ``created``, with the saga id from ``saga_id``."""
+    return {"saga_id": saga_id, "seq": 1, "kind": literal("created", String),
+            "step": literal(None, String), "epoch": 0,
+            "payload": bindparam("e_payload", {"status": SagaStatus.PENDING.value},
+                                 type_=EVENTS.c.payload.type),
+            "created_at": bindparam("created_at", type_=DateTime)}
+
+
+#: Parameters: ``NEW_SAGA_COLUMNS``. An idempotency key already used raises IntegrityError.
+INSERT_SAGA = insert(SAGAS).values(_new_saga())
+INSERT_CREATED_EVENT = insert(EVENTS).values(_created_event(bindparam("id", type_=String)))
+#: How many unfinished sagas an owner has (``o_owner``).
+ACTIVE_OF_OWNER = select(func.count()).select_from(SAGAS).where(
+    SAGAS.c.owner == bindparam("o_owner"), _status_in(SAGAS.c.status, ACTIVE))
+#: Serializes the active-saga check of one owner (PostgreSQL; SQLite serializes all writers).
+LOCK_OWNER = select(func.pg_advisory_xact_lock(func.hashtext(bindparam("o_owner", type_=String))))
+
+
+def _step_rows(saga_id: Any, names: tuple[str, ...]) -> list[dict[str, Any]]:
+    return [{"saga_id": saga_id, "step": literal(name, String), "position": literal(i, Integer),
+             "status": _status(StepStatus.PENDING.value), "attempt": literal(0, Integer),
+             "compensation_attempt": literal(0, Integer)} for i, name in enumerate(names)]
+
+
+@functools.cache
+def insert_steps(names: tuple[str, ...]) -> Any:
+    """The pending steps of a new saga (``id``), one multi-row INSERT."""
+    return insert(STEPS).values(_step_rows(bindparam("id", type_=String), names))
+
+
+@functools.cache
+def pg_create_saga(names: tuple[str, ...]) -> Select[Any]:
+    """PostgreSQL: the saga, its steps and its first event as one statement (one round trip).
+
+    Parameters: ``NEW_SAGA_COLUMNS``. Returns the saga's id, or no row when the owner already
+    used the idempotency key (then nothing was written).
+    """
+    from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+    new = (pg_insert(SAGAS).values(_new_saga())
+           .on_conflict_do_nothing(constraint="uq_sagas_owner_idempotency_key")
+           .returning(SAGAS.c.id).cte("new_saga"))
+    rows = _step_rows(new.c.id, names)
+    steps = (insert(STEPS)
+             .from_select(list(rows[0]), union_all(*(select(*row.values()) for row in rows)))
+             .returning(STEPS.c.step).cte("new_steps"))
+    event = _created_event(new.c.id)
+    logged = (insert(EVENTS).from_select(list(event), select(*event.values()))
+              .returning(EVENTS.c.seq).cte("new_event"))
+    return select(new.c.id,
+                  select(func.count()).select_from(steps).scalar_subquery().label("steps"),
+                  select(func.count()).select_from(logged).scalar_subquery().label("events"))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Connection, CursorResult, Result, func, insert, select, text, update
+from sqlalchemy import Connection, CursorResult, Result, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -100,8 +100,6 @@ class ActiveLimitReached(Exception):
     """The owner already has as many unfinished sagas as it may."""
 
 
-ACTIVE = (SagaStatus.PENDING.value, SagaStatus.RUNNING.value, SagaStatus.COMPENSATING.value)
-
 
 class StepLog:
     def __init__(self, db: Database) -> None:
@@ -113,57 +111,49 @@ class StepLog:
         With an idempotency key already used, returns the existing saga (created=False); the
         caller compares fingerprints. With ``max_active``, raises ActiveLimitReached if the
         owner already has that many unfinished sagas (checked under a per-owner lock).
+        PostgreSQL writes it all in one statement (without ``max_active``, in autocommit: one
+        round trip); SQLite in one ``BEGIN IMMEDIATE`` transaction of three inserts.
         """
         now = utcnow()
+        params = {"id": new.id, "definition": new.definition, "dataset": new.dataset,
+                  "partition_date": new.partition_date, "request": new.request,
+                  "manifest": new.manifest, "owner": new.owner,
+                  "idempotency_key": new.idempotency_key,
+                  "request_fingerprint": new.request_fingerprint, "created_at": now}
+        names = tuple(new.steps)
         try:
-            with self.db.transaction() as s:
-                if max_active:
-                    self._check_active(s, new.owner, max_active)
-                row = SagaRow(
-                    id=new.id,
-                    definition=new.definition,
-                    dataset=new.dataset,
-                    partition_date=new.partition_date,
-                    status=SagaStatus.PENDING.value,
-                    request=new.request,
-                    manifest=new.manifest,
-                    owner=new.owner,
-                    idempotency_key=new.idempotency_key,
-                    request_fingerprint=new.request_fingerprint,
-                    epoch=0,
-                    event_seq=1,
-                    attempts=0,
-                    cancel_requested=False,
-                    created_at=now,
-                    updated_at=now,
-                )
-                s.add(row)
-                s.flush()
-                s.execute(
-                    insert(STEPS),
-                    [
-                        {"saga_id": new.id, "step": name, "position": i, "status": "pending",
-                         "attempt": 0, "compensation_attempt": 0}
-                        for i, name in enumerate(new.steps)
-                    ],
-                )
-                _insert_event(s, new.id, 1, 0, "created", None,
-                              {"status": SagaStatus.PENDING.value}, now)
-            return row, True
+            if self.db.is_postgres:
+                with self.db.writing() if max_active else self.db.autocommit() as conn:
+                    if max_active:
+                        self._check_active(conn, new.owner, max_active)
+                    created = run_on_driver(conn, sql.pg_create_saga(names), params).first()
+            else:
+                with self.db.writing() as conn:
+                    if max_active:
+                        self._check_active(conn, new.owner, max_active)
+                    run_on_driver(conn, sql.INSERT_SAGA, params)
+                    run_on_driver(conn, sql.insert_steps(names), {"id": new.id})
+                    run_on_driver(conn, sql.INSERT_CREATED_EVENT, {"id": new.id,
+                                                                   "created_at": now})
+                created = True
         except IntegrityError:
             if new.idempotency_key is None:
                 raise
-            existing = self.find_by_idempotency_key(new.owner, new.idempotency_key)
-            if existing is None:
-                raise
-            return existing, False
+            created = None
+        if created:
+            return SagaRow(**params, status=SagaStatus.PENDING.value, epoch=0, event_seq=1,
+                           attempts=0, cancel_requested=False, updated_at=now), True
+        existing = self.find_by_idempotency_key(new.owner, new.idempotency_key or "")
+        if existing is None:
+            raise RuntimeError(f"saga {new.id} was neither created nor found by its "
+                               "idempotency key")
+        return existing, False
 
-    def _check_active(self, s: Session, owner: str, max_active: int) -> None:
+    def _check_active(self, conn: Connection, owner: str, max_active: int) -> None:
         if self.db.is_postgres:  # SQLite already serializes writers (BEGIN IMMEDIATE)
-            s.execute(text("SELECT pg_advisory_xact_lock(hashtext(:owner))"), {"owner": owner})
-        active = s.scalar(select(func.count()).select_from(SagaRow)
-                          .where(SagaRow.owner == owner, SagaRow.status.in_(ACTIVE)))
-        if (active or 0) >= max_active:
+            run_on_driver(conn, sql.LOCK_OWNER, {"o_owner": owner})
+        active = run_on_driver(conn, sql.ACTIVE_OF_OWNER, {"o_owner": owner}).rows[0][0]
+        if active >= max_active:
             raise ActiveLimitReached(f"{active} sagas of this key are unfinished "
                                      f"(limit {max_active})")
 
