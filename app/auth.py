@@ -77,7 +77,7 @@ def create_key(db: Database, name: str, scopes: list[str]) -> tuple[str, dict[st
 
 
 def list_keys(db: Database) -> list[dict[str, Any]]:
-    with db.sessions() as s:
+    with db.read_sessions() as s:
         return [key_view(r) for r in s.scalars(select(ApiKeyRow).order_by(ApiKeyRow.created_at))]
 
 

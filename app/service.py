@@ -204,7 +204,7 @@ class Service:
             query = query.where(or_(SagaRow.created_at < created,
                                     and_(SagaRow.created_at == created, SagaRow.id < last_id)))
         query = query.order_by(SagaRow.created_at.desc(), SagaRow.id.desc()).limit(limit + 1)
-        with self.db.sessions() as session:
+        with self.db.read_sessions() as session:
             rows = list(session.scalars(query))
         page, more = rows[:limit], len(rows) > limit
         next_cursor = _encode_cursor(page[-1]) if more and page else None
@@ -283,7 +283,7 @@ class Service:
         query = select(ConsumerRow).order_by(ConsumerRow.dataset, ConsumerRow.name)
         if dataset:
             query = query.where(ConsumerRow.dataset == dataset)
-        with self.db.sessions() as s:
+        with self.db.read_sessions() as s:
             return [_consumer_view(r) for r in s.scalars(query)]
 
     def remove_consumer(self, consumer_id: str) -> None:

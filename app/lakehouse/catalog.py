@@ -21,7 +21,7 @@ _FIELDS = ("table_name", "saga_id", "rows", "snapshot_id", "lineage")
 
 
 def current_entries(db: Database, dataset: str, partition_date: date) -> list[dict[str, Any]]:
-    with db.sessions() as s:
+    with db.read_sessions() as s:
         rows = s.scalars(
             select(CatalogPartitionRow)
             .where(CatalogPartitionRow.dataset == dataset,

@@ -115,7 +115,7 @@ class Dispatcher:
         return len(ids)
 
     def _deliver(self, row_id: int) -> None:
-        with self.db.sessions() as s:
+        with self.db.read_sessions() as s:
             found = s.execute(select(OutboxRow, ConsumerRow)
                               .join(ConsumerRow, ConsumerRow.id == OutboxRow.consumer_id)
                               .where(OutboxRow.id == row_id)).first()
