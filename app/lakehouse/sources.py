@@ -186,10 +186,17 @@ def _entry(root: Path, match: Path) -> dict[str, Any] | None:
 
 
 def _resolve_inside(root: Path, path: Path) -> Path:
-    """``path`` with every symlink resolved, refused unless it stays inside ``root``."""
+    """``path`` with every symlink resolved, refused unless it stays inside ``root``.
+
+    Every caller passes a name in a directory that is itself resolved and inside the root
+    (the walk only descends into such directories), so a name that is no symlink is already
+    resolved: one ``lstat`` instead of one per component of the whole path.
+    """
     try:
+        if not stat.S_ISLNK(os.lstat(path).st_mode):
+            return path
         resolved = path.resolve(strict=True)
-    except (OSError, RuntimeError) as exc:  # dangling link or a symlink loop
+    except (OSError, RuntimeError) as exc:  # gone, a dangling link or a symlink loop
         raise SourceError(f"{_relative_name(root, path)} cannot be resolved") from exc
     if not resolved.is_relative_to(root):
         # Name the link inside the root, never what lies outside it.
