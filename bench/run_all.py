@@ -1,6 +1,6 @@
 """Run every benchmark, then render docs/BENCHMARKS.md from their JSON results.
 
-    python bench/run_all.py                 # full run (about 45 min on 2 cores) -> docs/BENCHMARKS.md
+    python bench/run_all.py                 # full run (about 26 min on 2 cores) -> docs/BENCHMARKS.md
     python bench/run_all.py --quick         # smoke run; renders bench/results/BENCHMARKS.quick.md only
     python bench/run_all.py --render-only   # re-render docs/BENCHMARKS.md from bench/results/*.json
     python bench/run_all.py --only api,orchestration
