@@ -169,8 +169,10 @@ def render(quick: bool) -> str:
         s = mem["sizes"][0]
         out += ["## Memory limit", "",
                 f"`LAKESAGA_DUCKDB_MEMORY_LIMIT={s['memory_limit']}`, "
-                f"`LAKESAGA_DUCKDB_THREADS={s['threads']}` (the plain script gets the same "
-                "`memory_limit` and `threads`).", "", pipeline.render(mem), "",
+                f"`LAKESAGA_DUCKDB_THREADS={s['threads']}`: the saga worker's process budget, "
+                "of which DuckDB gets the budget less a quarter. The plain script's DuckDB gets "
+                "`memory_limit` of the whole value and the same `threads`.", "",
+                pipeline.render(mem), "",
                 f"Saga worker peak RSS {s['saga']['peak_rss_mib']:,.0f} MiB against a limit of "
                 f"{s['memory_limit']}: {verdict(s['saga_within_memory_limit'])}.", ""]
     if orch:

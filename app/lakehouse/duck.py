@@ -200,8 +200,9 @@ class Lake:
             "autoload_known_extensions": "false",
             "allow_community_extensions": "false",
         }
-        if self.settings.duckdb_memory_limit:
-            config["memory_limit"] = self.settings.duckdb_memory_limit
+        memory_limit = self.settings.duckdb_memory_limit_bytes
+        if memory_limit:
+            config["memory_limit"] = f"{memory_limit // 2**20}MiB"
         if self.settings.duckdb_threads:
             config["threads"] = self.settings.duckdb_threads
         con = duckdb.connect(config=config)  # type: ignore[arg-type]

@@ -22,12 +22,12 @@ from app.lakehouse import gold
 from app.lakehouse.duck import Lake, extension_path, libpq_dsn
 from app.lakehouse.pipeline import BUILTIN_DIR, Aggregation, DatasetSpec, SpecError, load_datasets
 from app.lakehouse.tables import ensure_tables, gold_table
-from app.settings import Settings
+from app.settings import Settings, parse_bytes
 
 
 @pytest.fixture
 def lake(database_url: str, settings_factory: Callable[..., Settings]) -> Iterator[Lake]:
-    lake = Lake(settings_factory(database_url, duckdb_memory_limit="256MB"))
+    lake = Lake(settings_factory(database_url, duckdb_memory_limit="512MiB"))
     try:
         yield lake
     finally:
@@ -255,11 +255,17 @@ def test_lake__normal_reads_and_writes_work(lake: Lake) -> None:
     assert any(lake.data_path.rglob("*.parquet"))
 
 
+def test_lake__duckdb_gets_the_memory_budget_less_headroom(lake: Lake) -> None:
+    shown = lake.cursor().execute("SELECT current_setting('memory_limit')").fetchall()[0][0]
+    assert parse_bytes(shown) == 256 * 2**20, shown  # 512 MiB less the 256 MiB headroom
+
+
 def test_lake__spills_inside_the_lake_directory(lake: Lake) -> None:
     cur = lake.cursor()
     temp = Path(cur.execute("SELECT current_setting('temp_directory')").fetchall()[0][0])
     assert temp.is_relative_to(lake.settings.lake_dir / "tmp")
-    # Larger than the 256MB memory limit: DuckDB must spill, and may only do so in there.
+    # Larger than the 256 MiB DuckDB gets of the 512 MiB budget: DuckDB must spill, and may
+    # only do so in there.
     row = cur.execute("SELECT count(*) FROM (SELECT range % 6000000 AS k, count(*) "
                       "FROM range(30000000) GROUP BY 1)").fetchall()
     assert row == [(6000000,)]
