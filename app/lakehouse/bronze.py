@@ -12,6 +12,7 @@ import hashlib
 import os
 import stat
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -87,36 +88,47 @@ def verify_manifest(root: Path, manifest: dict[str, Any],
     Files hashed at accept time are checked against that hash; others against ``known_hashes``
     (recorded by an earlier attempt of this step), or hashed now for the first time. The
     manifest holds resolved paths, so a symlink found at one now means the file was replaced.
+    Files are hashed on one thread per core (hashlib releases the GIL); the error reported is
+    that of the first failing file in manifest order.
     """
-    hashes: dict[str, str] = {}
     root = root.resolve()
-    for entry in manifest["files"]:
-        name = entry["path"]
-        path = root / name
-        if not path.resolve().is_relative_to(root):
-            raise SourceChanged(f"source file {name} now resolves outside the source root")
-        try:
-            with open_regular(path, follow_symlinks=False) as fh:
-                info = os.fstat(fh.fileno())
-                if info.st_size != entry["size"] or info.st_mtime != entry["mtime"]:
-                    raise SourceChanged(
-                        f"source file {name} changed after the saga was accepted "
-                        f"(size {entry['size']} -> {info.st_size})"
-                    )
-                digest = _sha256(fh)
-        except FileNotFoundError:
-            raise SourceChanged(f"source file {name} disappeared after the saga was accepted") from None
-        except NotRegularFile as exc:
-            raise SourceChanged(f"source file {name} {exc.strerror} "
-                                "(it was a regular file when the saga was accepted)") from None
-        except OSError as exc:
-            raise SourceChanged(f"source file {name} cannot be read: {exc.strerror}") from None
-        expected = entry.get("sha256") or known_hashes.get(name)
-        if expected and digest != expected:
-            raise SourceChanged(f"source file {name} changed after the saga was accepted "
-                                "(different content, same size)")
-        hashes[name] = digest
-    return hashes
+    entries = manifest["files"]
+    workers = min(len(entries), os.cpu_count() or 1)
+    if workers <= 1:
+        digests = [_verify_file(root, entry, known_hashes) for entry in entries]
+    else:
+        with ThreadPoolExecutor(workers, thread_name_prefix="lakesaga-verify") as pool:
+            digests = list(pool.map(lambda entry: _verify_file(root, entry, known_hashes),
+                                    entries))
+    return {entry["path"]: digest for entry, digest in zip(entries, digests, strict=True)}
+
+
+def _verify_file(root: Path, entry: dict[str, Any], known_hashes: dict[str, str]) -> str:
+    name = entry["path"]
+    path = root / name
+    if not path.resolve().is_relative_to(root):
+        raise SourceChanged(f"source file {name} now resolves outside the source root")
+    try:
+        with open_regular(path, follow_symlinks=False) as fh:
+            info = os.fstat(fh.fileno())
+            if info.st_size != entry["size"] or info.st_mtime != entry["mtime"]:
+                raise SourceChanged(
+                    f"source file {name} changed after the saga was accepted "
+                    f"(size {entry['size']} -> {info.st_size})"
+                )
+            digest = _sha256(fh)
+    except FileNotFoundError:
+        raise SourceChanged(f"source file {name} disappeared after the saga was accepted") from None
+    except NotRegularFile as exc:
+        raise SourceChanged(f"source file {name} {exc.strerror} "
+                            "(it was a regular file when the saga was accepted)") from None
+    except OSError as exc:
+        raise SourceChanged(f"source file {name} cannot be read: {exc.strerror}") from None
+    expected = entry.get("sha256") or known_hashes.get(name)
+    if expected and digest != expected:
+        raise SourceChanged(f"source file {name} changed after the saga was accepted "
+                            "(different content, same size)")
+    return digest
 
 
 def reader_sql(fmt: str) -> str:

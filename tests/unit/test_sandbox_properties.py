@@ -192,6 +192,27 @@ def test_verify_manifest__any_change_after_accept_is_caught(original: bytes,
                 verify_manifest(root, manifest, {})
 
 
+def test_verify_manifest__many_files_report_the_first_change_in_manifest_order() -> None:
+    with tree([]) as root:
+        for i in range(8):
+            (root / f"f{i}.ndjson").write_bytes(b"x" * (1000 + i))
+        manifest = resolve_manifest(root, "*.ndjson", "json", max_files=10, max_bytes=10**6,
+                                    hash_max_bytes=0)
+        hashes = verify_manifest(root, manifest, {})  # hashed on several threads
+        assert hashes == {f"f{i}.ndjson": hashlib.sha256(b"x" * (1000 + i)).hexdigest()
+                          for i in range(8)}
+        for i in (6, 3):  # two files change; f3 comes first in the manifest
+            path = root / f"f{i}.ndjson"
+            info = path.stat()
+            path.write_bytes(b"y" * (1000 + i))
+            os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))
+        with pytest.raises(SourceChanged, match=r"^source file f3\.ndjson changed"):
+            verify_manifest(root, manifest, hashes)
+        (root / "f5.ndjson").unlink()
+        with pytest.raises(SourceChanged, match=r"^source file f3\.ndjson changed"):
+            verify_manifest(root, manifest, hashes)
+
+
 # -- SQL identifiers ---------------------------------------------------------------------------
 
 IDENT_START = string.ascii_lowercase
