@@ -475,7 +475,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, help="unmeasured runs per side first (default 1)")
     p.add_argument("--catalog", choices=("sqlite", "postgres"), default="sqlite",
                    help="DuckLake catalog (and saga log) kind; sqlite is the embedded default")
-    p.add_argument("--memory-limit", default="", help="memory budget, e.g. 2GB: the plain script's DuckDB memory_limit, "
+    p.add_argument("--memory-limit", default="",
+                   help="memory budget, e.g. 2GB: the plain script's DuckDB memory_limit, "
                         "the saga server's LAKESAGA_DUCKDB_MEMORY_LIMIT")
     p.add_argument("--threads", type=int, default=0, help="DuckDB threads on both sides")
     p.add_argument("--name", default="pipeline", help="result file name (bench/results/NAME.json)")

@@ -119,8 +119,10 @@ def machine_section(results: list[dict[str, Any]]) -> str:
         f"SQLAlchemy {pk.get('sqlalchemy')}, psycopg {pk.get('psycopg')}, FastAPI "
         f"{pk.get('fastapi')}, uvicorn {pk.get('uvicorn')}; peers: sagaz {pk.get('sagaz')} "
         f"(aiosqlite {pk.get('aiosqlite')}), dbos {pk.get('dbos')}",
-        f"- lakesaga commit {m['git_commit']}" + (" with uncommitted changes under app/"
-                                                   if m["app_dirty"] else ""),
+        "- lakesaga commit measured: " + "; ".join(
+            f"{r['benchmark']} {r['machine']['git_commit']}"
+            + (" (with uncommitted changes under app/)" if r["machine"]["app_dirty"] else "")
+            for r in results),
         "- load average (1/5/15 min) before each benchmark: " + "; ".join(
             f"{r['benchmark']} {', '.join(f'{x:.2f}' for x in r['machine']['loadavg'])}"
             for r in results),
