@@ -12,10 +12,12 @@ configuration itself locked, so that no SQL run later (spec SQL included) can wi
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import glob
 import importlib.util
 import json
+import logging
 import os
 import re
 import shutil
@@ -33,6 +35,8 @@ from sqlalchemy.engine import make_url
 from app.faults import fault_point
 from app.saga.fencing import check_owner
 from app.settings import Settings
+
+log = logging.getLogger("lakesaga.lake")
 
 #: extension name -> PyPI wheel module that carries it
 _EXTENSION_WHEELS = {
@@ -112,12 +116,14 @@ def _sql_string(value: str) -> str:
 
 
 class WriteGuard:
-    """Serializes lake work when the DuckLake catalog is a SQLite file (reentrant).
+    """Serializes lake work: one lake step at a time per process, and per lake directory when
+    the DuckLake catalog is a SQLite file (reentrant).
 
     A SQLite catalog takes its locks for the whole lake transaction; two writers (threads, or
     processes sharing the lake directory) then time out on each other's locks and both fail.
     A thread lock plus an exclusive ``flock`` on ``<lake_dir>/.write.lock`` make them queue
-    instead. PostgreSQL catalogs need none of this: they get a no-op guard.
+    instead. On a PostgreSQL catalog only the thread lock is taken: processes run their steps
+    side by side, and a process's steps share one DuckDB memory budget one at a time.
     """
 
     def __init__(self, lock_file: Path | None) -> None:
@@ -188,6 +194,8 @@ class Lake:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._generation = 0
+        #: The cursors handed out from ``self.con`` (one per thread that asked).
+        self._cursors: list[duckdb.DuckDBPyConnection] = []
         #: The DuckLake catalog is a SQLite file (else PostgreSQL, or a DuckDB file).
         self.sqlite_catalog = self._target.startswith("sqlite:")
         self.write_guard = WriteGuard(settings.lake_dir / ".write.lock" if self.sqlite_catalog
@@ -281,12 +289,22 @@ class Lake:
 
     def reset(self) -> None:
         """Replace a DuckDB instance that a fatal error invalidated (seen when PostgreSQL dies
-        mid-query); every thread gets a fresh cursor on its next ``cursor()``."""
+        mid-query); every thread gets a fresh cursor on its next ``cursor()``.
+
+        The old instance and its cursors are retired, never closed or freed: a cursor can still
+        hold an open transaction (a ROLLBACK refused by the invalidated instance, or another
+        thread's unfinished work), and DuckDB rolls such a transaction back in a C++ destructor,
+        where the error it then raises aborts the whole process (std::terminate). Each rebuild
+        therefore keeps the old instance's memory until the process ends.
+        """
         with self._lock:
-            old, self.con = self.con, self._connect()
+            new = self._connect()
+            for retired in (self.con, *self._cursors):
+                _keep_forever(retired)
+            self.con, self._cursors = new, []
             self._generation += 1
-        with contextlib.suppress(duckdb.Error):
-            old.close()
+        log.warning("lake: DuckDB instance rebuilt after a fatal error; the old one is retired "
+                    "(its memory is released when the process exits)")
 
     def cursor(self) -> duckdb.DuckDBPyConnection:
         """This thread's cursor (DuckDB connections are not shared across threads)."""
@@ -294,6 +312,7 @@ class Lake:
         if cur is None or self._local.generation != self._generation:
             with self._lock:
                 cur = self.con.cursor()
+                self._cursors.append(cur)
                 self._local.generation = self._generation
             _GUARDS[id(cur)] = self.write_guard
             self._local.cursor = cur
@@ -306,6 +325,13 @@ class Lake:
 
     def close(self) -> None:
         self.con.close()
+
+
+def _keep_forever(obj: object) -> None:
+    """Take a reference to ``obj`` that is never given back, so that not even the interpreter's
+    shutdown frees it (a list would be emptied then). For DuckDB objects whose destructor can
+    abort the process (see ``Lake.reset``)."""
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(obj))
 
 
 def _process_alive(pid: int) -> bool:

@@ -65,8 +65,8 @@ class LakehouseIngestionSaga(Saga):
         return super().is_transient(exc)
 
     def run_action(self, spec: StepSpec, ctx: StepContext) -> dict[str, Any]:
-        # On a SQLite lake catalog every lake read takes catalog locks too, so whole steps are
-        # serialized (across processes as well); on PostgreSQL the guard is a no-op.
+        # Whole steps are serialized: on a SQLite lake catalog every lake read takes catalog
+        # locks too (so across processes as well); on PostgreSQL within the process only.
         with self.services.lake.write_guard, self._recovering_lake():
             return super().run_action(spec, ctx)
 

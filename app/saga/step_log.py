@@ -100,7 +100,6 @@ class ActiveLimitReached(Exception):
     """The owner already has as many unfinished sagas as it may."""
 
 
-
 class StepLog:
     def __init__(self, db: Database) -> None:
         self.db = db

@@ -29,7 +29,9 @@ TERMINAL = ("succeeded", "compensated", "failed")
 def clean_env(**overrides: str) -> dict[str, str]:
     """The test process's environment without any LAKESAGA_* setting, plus ``overrides``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LAKESAGA_")}
-    env.update({"PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8", "NO_COLOR": "1"})
+    # PYTHONFAULTHANDLER: a crash in native code (DuckDB, libpq) prints every thread's stack.
+    env.update({"PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8", "NO_COLOR": "1",
+                "PYTHONFAULTHANDLER": "1"})
     env.update(overrides)
     return env
 

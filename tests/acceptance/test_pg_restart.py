@@ -147,13 +147,19 @@ def _poll_during_outage(api: httpx.Client, saga_ids: list[str], probe: Probe,
         time.sleep(0.1)
 
 
-def _submit_retrying(api: httpx.Client, day: str, timeout_s: float = 20) -> tuple[str, int]:
+def _submit_retrying(api: httpx.Client, server: Server, day: str,
+                     timeout_s: float = 20) -> tuple[str, int]:
     """POST a saga, retrying 503s (stale pooled connections right after a restart).
     Returns (saga id, number of 503s seen)."""
     deadline = time.monotonic() + timeout_s
     unavailable = 0
     while True:
-        resp = api.post("/sagas", json=saga_body(day), headers={"Idempotency-Key": f"load-{day}"})
+        try:
+            resp = api.post("/sagas", json=saga_body(day),
+                            headers={"Idempotency-Key": f"load-{day}"})
+        except httpx.TransportError as exc:
+            server.proc.poll()
+            pytest.fail(f"POST /sagas for {day}: no HTTP response ({exc})\n{server.tail()}")
         if resp.status_code == 202:
             return str(resp.json()["id"]), unavailable
         assert resp.status_code == 503 and time.monotonic() < deadline, (
@@ -186,7 +192,7 @@ def test_pg_restart__sagas_finish_and_api_degrades_to_503(
 
     with server.client() as api:
         for day in BATCHES[0]:
-            saga_ids.append(_submit_retrying(api, day)[0])
+            saga_ids.append(_submit_retrying(api, server, day)[0])
         for round_no in range(1, OUTAGES + 1):
             time.sleep(1.0)  # let the sagas get into their steps
             states = [api.get(f"/sagas/{sid}").json()["status"] for sid in saga_ids]
@@ -198,7 +204,7 @@ def test_pg_restart__sagas_finish_and_api_degrades_to_503(
             finally:
                 cluster.start()
             for day in BATCHES[round_no]:
-                saga_id, unavailable = _submit_retrying(api, day)
+                saga_id, unavailable = _submit_retrying(api, server, day)
                 saga_ids.append(saga_id)
                 stale_503s += unavailable
 
