@@ -441,7 +441,8 @@ def render(result: dict[str, Any]) -> str:
         rows.append([f"{s['records']:,}", s["plain"]["pipeline_s"], s["plain"]["script_s"],
                      s["saga"]["e2e_s"], f"{s['ratio_e2e_vs_pipeline']:.2f}x",
                      f"{s['ratio_e2e_vs_script']:.2f}x", s["plain"]["peak_rss_mib"],
-                     s["saga"]["peak_rss_mib"], f"{s['ratio_peak_rss']:.2f}x",
+                     s["saga"]["peak_rss_mib"], s["saga"].get("idle_rss_mib"),
+                     f"{s['ratio_peak_rss']:.2f}x",
                      "yes" if s["same_counts"] else "NO"])
         p, g = s["plain"]["steps_s"], s["saga"]["steps_s"]
         steps.append([f"{s['records']:,}", p["connect_attach_s"], p["create_tables_s"],
@@ -452,7 +453,8 @@ def render(result: dict[str, Any]) -> str:
                       s["saga"]["e2e_s"] - s["saga"]["steps_sum_s"] - s["saga"]["claim_delay_s"]])
     out = [harness.table(["records", "plain SQL s", "plain script s", "saga e2e s",
                           "saga/plain SQL", "saga/plain script", "plain RSS MiB",
-                          "saga RSS MiB", "RSS ratio", "same counts"], rows),
+                          "saga RSS MiB", "saga idle RSS MiB", "RSS ratio", "same counts"],
+                         rows),
            "",
            "Per step (medians, seconds). Plain: attach, DDL, bronze, silver, gold. Saga: POST, "
            "claim delay, the five steps, and what is left of the e2e time (polling, records):",

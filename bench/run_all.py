@@ -1,6 +1,6 @@
 """Run every benchmark, then render docs/BENCHMARKS.md from their JSON results.
 
-    python bench/run_all.py                 # full run (about 26 min on 2 cores) -> docs/BENCHMARKS.md
+    python bench/run_all.py                 # full run (13 to 26 min on 2 cores) -> docs/BENCHMARKS.md
     python bench/run_all.py --quick         # smoke run; renders bench/results/BENCHMARKS.quick.md only
     python bench/run_all.py --render-only   # re-render docs/BENCHMARKS.md from bench/results/*.json
     python bench/run_all.py --only api,orchestration
@@ -95,7 +95,10 @@ def targets(pipe: dict[str, Any] | None, mem: dict[str, Any] | None,
         where = f"{b['backend']}, {procs} API process{'es' if procs > 1 else ''}"
         posts = [lv for lv in b["levels"] if lv["endpoint"] == "POST /sagas"]
         gets = [lv for lv in b["levels"] if lv["endpoint"] == "GET /sagas/{id}"]
-        best_post = max(posts, key=lambda lv: lv["req_per_s"], default=None)
+        # The POST target is a throughput at a latency: the fastest level within 50 ms p99
+        # if any is, else the fastest level.
+        within = [lv for lv in posts if lv["p99_ms"] <= 50] or posts
+        best_post = max(within, key=lambda lv: lv["req_per_s"], default=None)
         best_get = max(gets, key=lambda lv: lv["req_per_s"], default=None)
         if best_post:
             ok = best_post["req_per_s"] >= 500 and best_post["p99_ms"] <= 50
@@ -159,7 +162,9 @@ def render(quick: bool) -> str:
                 "after warm-up. *plain SQL* = the plain script's three lake transactions; *plain "
                 "script* adds its connect/attach and CREATE TABLEs (the saga server attaches and "
                 "creates its tables before the POST). *saga e2e* = POST /sagas until a GET sees "
-                "`succeeded` (polling every 25 ms). Peak RSS = each process's own `ru_maxrss`.",
+                "`succeeded` (polling every 25 ms). Peak RSS = each process's own `ru_maxrss`; "
+                "*saga idle RSS* = the server's before the POST (the service itself: FastAPI, "
+                "SQLAlchemy, DuckDB with the lake attached).",
                 "", pipeline.render(pipe), ""]
         for s in pipe["sizes"]:
             out.append(f"- {s['records']:,} records in {s['files']} files: "
