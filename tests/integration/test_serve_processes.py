@@ -219,3 +219,26 @@ def test_serve_processes__exits_non_zero_when_they_cannot_start(
                              "2"], env=env, cwd=tmp_path, capture_output=True, timeout=120)
     assert result.returncode != 0, result.stderr.decode()[-3000:]
     assert b"Application startup failed" in result.stderr, result.stderr.decode()[-3000:]
+
+
+def test_serve__without_keys_warns_and_refuses(
+        serve: Callable[..., Served], tmp_path: Path, database_url: str) -> None:
+    """A server started before any key exists says so in its log, and stays closed (401)."""
+    upgrade(database_url)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LAKESAGA_")}
+    env.update({"LAKESAGA_DATABASE_URL": database_url, "LAKESAGA_SOURCE_ROOT": str(tmp_path),
+                "LAKESAGA_LAKE_DIR": str(tmp_path / "lake"), "LAKESAGA_LOG_LEVEL": "INFO"})
+    warning = "no API keys exist yet"
+    served = serve(env, "--no-workers", wait=1)
+    assert warning in served.tail(), served.tail()
+    assert httpx.get(f"{served.base_url}/sagas", timeout=30).status_code == 401
+    assert httpx.get(f"{served.base_url}/healthz", timeout=30).status_code == 200
+
+    db = Database(database_url)
+    try:
+        token = create_key(db, "first", ["read"])[0]
+    finally:
+        db.dispose()
+    keyed = serve(env, "--no-workers", wait=1)
+    assert _get(keyed, "/sagas", token).status_code == 200
+    assert warning not in keyed.tail(), keyed.tail()

@@ -297,6 +297,25 @@ def test_deliver__receiver_verifies_the_signature_with_the_consumer_secret(
         "delivered", 1, 204, None)
 
 
+def test_deliver__ignores_proxy_environment_variables(
+        saga_db: Database, receivers: Callable[..., Receiver],
+        dispatchers: Callable[..., Dispatcher], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A proxy would resolve the host again, behind the address check: deliveries go direct."""
+    receiver, proxy = receivers(), receivers()
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy",
+                 "all_proxy"):
+        monkeypatch.setenv(name, proxy.url)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    row_id, _ = queue_delivery(saga_db, f"{receiver.url}/hook")
+
+    assert dispatchers().deliver_due() == 1
+
+    assert proxy.received() == []
+    assert [r.path for r in receiver.received()] == ["/hook"]
+    assert outbox_row(saga_db, row_id).status == "delivered"
+
+
 # -- failures, backoff, Retry-After, dead letters -------------------------------------------------
 
 
