@@ -303,8 +303,10 @@ class Lake:
                 _keep_forever(retired)
             self.con, self._cursors = new, []
             self._generation += 1
-        log.warning("lake: DuckDB instance rebuilt after a fatal error; the old one is retired "
-                    "(its memory is released when the process exits)")
+            rebuilds = self._generation
+        log.warning("lake: DuckDB instance rebuilt after a fatal error (%d in this process); the "
+                    "old one is kept, not closed, until the process exits: restart it to release "
+                    "their memory", rebuilds)
 
     def cursor(self) -> duckdb.DuckDBPyConnection:
         """This thread's cursor (DuckDB connections are not shared across threads)."""

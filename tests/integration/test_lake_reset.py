@@ -10,6 +10,7 @@ abort.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -21,7 +22,7 @@ import pytest
 pytestmark = pytest.mark.postgres
 
 CHILD = textwrap.dedent("""
-    import gc, sys, threading
+    import gc, sys, threading, time
     from pathlib import Path
 
     import psycopg
@@ -51,10 +52,16 @@ CHILD = textwrap.dedent("""
     thread.start()
     assert in_transaction.wait(30)
     admin = make_url(url).set(drivername="postgresql", database="postgres")
+    database = make_url(url).database
     with psycopg.connect(admin.render_as_string(hide_password=False), autocommit=True) as pg:
         killed = pg.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                            "WHERE datname = %s", [make_url(url).database]).fetchone()[0]
-    assert killed >= 1, killed
+                            "WHERE datname = %s", [database]).fetchone()[0]
+        assert killed >= 1, killed
+        deadline = time.monotonic() + 30  # pg_terminate_backend does not wait for them to go
+        while pg.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s",
+                         [database]).fetchone()[0]:
+            assert time.monotonic() < deadline, "backends still alive after 30 s"
+            time.sleep(0.05)
     lake.reset()
     reset_done.set()
     thread.join(30)
@@ -66,9 +73,10 @@ CHILD = textwrap.dedent("""
 
 def test_lake_reset__with_a_transaction_open_on_dead_connections_does_not_abort(
         pg_database_factory: Callable[[], str], tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LAKESAGA_")}
     result = subprocess.run(  # noqa: S603
         [sys.executable, "-c", CHILD, pg_database_factory(), str(tmp_path)],
-        capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[2])
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[2], env=env)
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
     assert "terminate called" not in result.stderr, result.stderr
     # The open transaction died with its connection: the new instance sees the 10 rows only.
