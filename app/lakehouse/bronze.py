@@ -98,8 +98,13 @@ def verify_manifest(root: Path, manifest: dict[str, Any],
         digests = [_verify_file(root, entry, known_hashes) for entry in entries]
     else:
         with ThreadPoolExecutor(workers, thread_name_prefix="lakesaga-verify") as pool:
-            digests = list(pool.map(lambda entry: _verify_file(root, entry, known_hashes),
-                                    entries))
+            futures = [pool.submit(_verify_file, root, entry, known_hashes) for entry in entries]
+            try:
+                digests = [future.result() for future in futures]
+            except BaseException:
+                for future in futures:  # the saga fails on this file: hash no more of them
+                    future.cancel()
+                raise
     return {entry["path"]: digest for entry, digest in zip(entries, digests, strict=True)}
 
 

@@ -135,17 +135,21 @@ class StepLog:
                     run_on_driver(conn, sql.INSERT_CREATED_EVENT, {"id": new.id,
                                                                    "created_at": now})
                 created = True
-        except IntegrityError:
+        except IntegrityError as exc:
             if new.idempotency_key is None:
                 raise
+            conflict: IntegrityError | None = exc
             created = None
+        else:
+            conflict = None
         if created:
             return SagaRow(**params, status=SagaStatus.PENDING.value, epoch=0, event_seq=1,
                            attempts=0, cancel_requested=False, updated_at=now), True
         existing = self.find_by_idempotency_key(new.owner, new.idempotency_key or "")
         if existing is None:
+            # Not a clash of idempotency keys after all: the insert failed for another reason.
             raise RuntimeError(f"saga {new.id} was neither created nor found by its "
-                               "idempotency key")
+                               "idempotency key") from conflict
         return existing, False
 
     def _check_active(self, conn: Connection, owner: str, max_active: int) -> None:

@@ -393,6 +393,10 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any], int, str]] = [
     ("numeric_text_date", _saga_body(partition_date="0"), 422, "YYYY-MM-DD"),
     ("timestamp_date", _saga_body(partition_date=1767657600), 422, "YYYY-MM-DD"),
     ("compact_date", _saga_body(partition_date="20260106"), 422, "YYYY-MM-DD"),
+    # Arabic-Indic digits: a regex ``\d`` takes them for digits.
+    ("non_ascii_digits_date",
+     _saga_body(partition_date="\u0662\u0660\u0662\u0666-\u0660\u0661-\u0660\u0666"), 422,
+     "YYYY-MM-DD"),
     ("glob_matches_nothing", _saga_body(source={"path": "clickstream/1999-01-01/*.ndjson",
                                                 "format": "json"}), 422, "matches no file"),
     ("dotdot", _saga_body(source={"path": "../x/*.ndjson", "format": "json"}), 422, ".."),
