@@ -95,18 +95,22 @@ def targets(pipe: dict[str, Any] | None, mem: dict[str, Any] | None,
         where = f"{b['backend']}, {procs} API process{'es' if procs > 1 else ''}"
         posts = [lv for lv in b["levels"] if lv["endpoint"] == "POST /sagas"]
         gets = [lv for lv in b["levels"] if lv["endpoint"] == "GET /sagas/{id}"]
-        # The POST target is a throughput at a latency: the fastest level within 50 ms p99
-        # if any is, else the fastest level.
-        within = [lv for lv in posts if lv["p99_ms"] <= 50] or posts
+        # The POST target is a throughput at a latency: the fastest level whose p99 is within
+        # 50 ms and whose every answer was a 2xx (fast errors must not lower a p99), if any
+        # is; else the fastest level, which then fails.
+        within = [lv for lv in posts if lv["p99_ms"] is not None and lv["p99_ms"] <= 50
+                  and lv["ok"] == lv["requests"]] or posts
         best_post = max(within, key=lambda lv: lv["req_per_s"], default=None)
         best_get = max(gets, key=lambda lv: lv["req_per_s"], default=None)
         if best_post:
-            ok = best_post["req_per_s"] >= 500 and best_post["p99_ms"] <= 50
-            rows.append([f"POST /sagas ({where}), best level", ">= 500 req/s, p99 <= 50 ms",
+            ok = (best_post["req_per_s"] >= 500 and best_post["p99_ms"] is not None
+                  and best_post["p99_ms"] <= 50 and best_post["ok"] == best_post["requests"])
+            rows.append([f"POST /sagas ({where}), fastest level within the p99",
+                         ">= 500 req/s, p99 <= 50 ms",
                          f"{best_post['req_per_s']:,.0f} req/s, p99 {best_post['p99_ms']:.0f} ms "
                          f"({best_post['connections']} conns)", verdict(ok)])
         if best_get:
-            rows.append([f"GET /sagas/{{id}} ({where}), best level", ">= 1,000 req/s",
+            rows.append([f"GET /sagas/{{id}} ({where}), fastest level", ">= 1,000 req/s",
                          f"{best_get['req_per_s']:,.0f} req/s ({best_get['connections']} conns)",
                          verdict(best_get["req_per_s"] >= 1000)])
     return rows
@@ -202,7 +206,11 @@ def render(quick: bool) -> str:
                 "WARNING. Each POST names one source file of "
                 f"{api_result['source_bytes'] / 1024:,.0f} KiB (hashed at accept) and sends its own "
                 "Idempotency-Key; GETs read random sagas created by the POSTs. Server and client "
-                "CPU are in cores (CPU seconds per second).", "", api.render(api_result), ""]
+                "CPU are in cores (CPU seconds per second). With the active-saga limit on (the "
+                "default, 100), a POST on PostgreSQL takes a transaction with an advisory lock and "
+                "a count instead of one autocommit statement. The POST target is met by the "
+                "fastest level whose p99 is within 50 ms and whose answers were all 2xx.", "",
+                api.render(api_result), ""]
     out += ["## Reproduce", "", "```bash",
             "make bench                                # creates .venv-bench, runs everything, "
             "renders this page",
