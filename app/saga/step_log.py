@@ -120,6 +120,7 @@ class StepLog:
                   "idempotency_key": new.idempotency_key,
                   "request_fingerprint": new.request_fingerprint, "created_at": now}
         names = tuple(new.steps)
+        conflict: IntegrityError | None = None
         try:
             if self.db.is_postgres:
                 with self.db.writing() if max_active else self.db.autocommit() as conn:
@@ -138,10 +139,7 @@ class StepLog:
         except IntegrityError as exc:
             if new.idempotency_key is None:
                 raise
-            conflict: IntegrityError | None = exc
-            created = None
-        else:
-            conflict = None
+            conflict, created = exc, None
         if created:
             return SagaRow(**params, status=SagaStatus.PENDING.value, epoch=0, event_seq=1,
                            attempts=0, cancel_requested=False, updated_at=now), True

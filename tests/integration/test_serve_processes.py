@@ -123,11 +123,16 @@ def deployment(tmp_path: Path, database_url: str) -> tuple[dict[str, str], str]:
         token = create_key(db, "processes-test", ["admin"])[0]
     finally:
         db.dispose()
+    return _env(database_url, root, tmp_path / "lake"), token
+
+
+def _env(database_url: str, root: Path, lake_dir: Path) -> dict[str, str]:
+    """Our environment without LAKESAGA_* settings, plus those of a deployment."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LAKESAGA_")}
     env.update({"LAKESAGA_DATABASE_URL": database_url, "LAKESAGA_SOURCE_ROOT": str(root),
-                "LAKESAGA_LAKE_DIR": str(tmp_path / "lake"), "LAKESAGA_POLL_INTERVAL_S": "0.1",
+                "LAKESAGA_LAKE_DIR": str(lake_dir), "LAKESAGA_POLL_INTERVAL_S": "0.1",
                 "LAKESAGA_LOG_LEVEL": "INFO"})
-    return env, token
+    return env
 
 
 @contextlib.contextmanager
@@ -225,9 +230,7 @@ def test_serve__without_keys_warns_and_refuses(
         serve: Callable[..., Served], tmp_path: Path, database_url: str) -> None:
     """A server started before any key exists says so in its log, and stays closed (401)."""
     upgrade(database_url)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LAKESAGA_")}
-    env.update({"LAKESAGA_DATABASE_URL": database_url, "LAKESAGA_SOURCE_ROOT": str(tmp_path),
-                "LAKESAGA_LAKE_DIR": str(tmp_path / "lake"), "LAKESAGA_LOG_LEVEL": "INFO"})
+    env = _env(database_url, tmp_path, tmp_path / "lake")
     warning = "no API keys exist yet"
     served = serve(env, "--no-workers", wait=1)
     assert warning in served.tail(), served.tail()
