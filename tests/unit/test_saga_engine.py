@@ -821,18 +821,37 @@ def test_lease__renewal_needs_the_current_epoch_and_owner(
     assert step_log.renew_lease(saga_id, claim.epoch - 1, "w", lease_ttl_s=30) is False
 
 
+#: Lease TTL of the heartbeat tests. The heartbeat renews every third of it, so a lease lapses
+#: only if the heartbeat stalls for 2 s; a 0.6 s TTL lapsed once on a loaded CI machine.
+HEARTBEAT_TTL_S = 2.0
+
+
+def outlive_the_claimed_lease(step_log: StepLog, saga_id: str) -> bool:
+    """Wait (inside a step) until the lease the saga was claimed with has ended by its own
+    clock; return whether a renewal has moved its end past now."""
+    claimed_until = saga(step_log, saga_id).lease_expires_at
+    assert claimed_until is not None
+    deadline = time.monotonic() + 20
+    while utcnow() <= claimed_until + timedelta(seconds=0.1) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    renewed_until = saga(step_log, saga_id).lease_expires_at
+    return renewed_until is not None and renewed_until > utcnow()
+
+
 def test_heartbeat__keeps_the_lease_during_a_long_step(step_log: StepLog, script: Script) -> None:
-    config = ExecutorConfig(step_retry=CONFIG.step_retry, lease_ttl_s=0.6)
+    config = ExecutorConfig(step_retry=CONFIG.step_retry, lease_ttl_s=HEARTBEAT_TTL_S)
     saga_id = create(step_log)
+    renewed: list[bool] = []
     thief_claims: list[object] = []
 
     def slow(ctx: StepContext) -> None:
-        time.sleep(1.0)
+        renewed.append(outlive_the_claimed_lease(step_log, ctx.saga_id))
         thief_claims.append(step_log.claim_next("thief", lease_ttl_s=30))
 
     script.hooks["a"] = slow
     make_executor(step_log, script, config).drain()
 
+    assert renewed == [True]
     assert thief_claims == [None]
     row = saga(step_log, saga_id)
     assert row.status == SagaStatus.SUCCEEDED and row.epoch == 1
@@ -1013,14 +1032,15 @@ def test_claim__takes_the_oldest_of_pending_and_abandoned_sagas(
 def test_lease__one_heartbeat_thread_renews_every_saga_of_an_executor(
     step_log: StepLog, script: Script
 ) -> None:
-    config = ExecutorConfig(step_retry=CONFIG.step_retry, lease_ttl_s=0.6)
+    config = ExecutorConfig(step_retry=CONFIG.step_retry, lease_ttl_s=HEARTBEAT_TTL_S)
     saga_ids = [create(step_log, partition=PARTITION + timedelta(days=i)) for i in range(3)]
     executor = make_executor(step_log, script, config, name=f"worker-{uuid.uuid4().hex[:6]}")
     heartbeats: list[int] = []
     thief_claims: list[object] = []
+    renewed: list[bool] = []
 
     def slow(ctx: StepContext) -> None:
-        time.sleep(1.0)
+        renewed.append(outlive_the_claimed_lease(step_log, ctx.saga_id))
         heartbeats.append(sum(t.name == f"heartbeat {executor.owner}" and t.is_alive()
                               for t in threading.enumerate()))
         thief_claims.append(step_log.claim_next("thief", lease_ttl_s=30))
@@ -1033,6 +1053,7 @@ def test_lease__one_heartbeat_thread_renews_every_saga_of_an_executor(
         thread.join(timeout=30)
     executor.stop()
 
+    assert renewed == [True, True, True]
     assert thief_claims == [None, None, None]
     assert heartbeats == [1, 1, 1]
     for saga_id in saga_ids:
