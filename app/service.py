@@ -102,12 +102,15 @@ class Service:
         return self._lake
 
     def close(self) -> None:
-        if self.executor is not None:
-            self.executor.stop()
+        stopped = self.executor.stop() if self.executor is not None else True
         if self._dispatcher is not None:
             self._dispatcher.stop()
         if self._lake is not None:
-            self._lake.close()
+            if stopped:
+                self._lake.close()
+            else:  # closing DuckDB under a running query can abort the process
+                log.warning("a saga step was still running at shutdown: the lake stays open "
+                            "until the process exits; the saga resumes on the next start")
         self.db.dispose()
 
     def spec(self, name: str) -> DatasetSpec:

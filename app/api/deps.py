@@ -59,16 +59,24 @@ def require(scope: str) -> Callable[..., Awaitable[Principal]]:
     return caller
 
 
+MAX_IDEMPOTENCY_KEY = 255
+
+
 async def idempotency_key(
     key: Annotated[str | None, Header(
-        alias="Idempotency-Key", max_length=255,
+        alias="Idempotency-Key", json_schema_extra={"maxLength": MAX_IDEMPOTENCY_KEY},
         description="Makes the POST safe to retry: the same key with the same body returns the "
                     "saga the first request created (`Idempotent-Replayed: true`); the same key "
                     "with a different body is 422. Keys are scoped to the calling API key and "
-                    "kept as long as the saga. Printable ASCII, at most 255 characters.")] = None,
+                    "kept as long as the saga. 1 to 255 printable ASCII characters; any other "
+                    "key is 400.")] = None,
 ) -> str | None:
-    if key is not None and (not key or not key.isprintable() or not key.isascii()):
-        raise Problem(400, "Invalid Idempotency-Key", "Idempotency-Key must be printable ASCII")
+    # Checked here rather than by FastAPI's max_length, so every invalid key is the same 400.
+    if key is not None and (not key or not key.isprintable() or not key.isascii()
+                            or len(key) > MAX_IDEMPOTENCY_KEY):
+        raise Problem(400, "Invalid Idempotency-Key",
+                      f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII "
+                      "characters")
     return key
 
 

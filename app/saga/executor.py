@@ -329,12 +329,16 @@ class Executor:
         """Look for work now (called after a saga is submitted in this process)."""
         self._wake.set()
 
-    def stop(self, timeout_s: float = 30.0) -> None:
+    def stop(self, timeout_s: float = 30.0) -> bool:
+        """Stop claiming and wait for the running sagas' current steps; False if a thread was
+        still running one after ``timeout_s`` (its lease runs out and the saga resumes)."""
         self._stop.set()
         self._wake.set()
+        deadline = time.monotonic() + timeout_s
         for thread in self._threads:
-            thread.join(timeout=timeout_s)
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
         self._leases.stop()
+        return not any(thread.is_alive() for thread in self._threads)
 
     def _loop(self) -> None:
         while not self._stop.is_set():

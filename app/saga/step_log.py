@@ -95,6 +95,10 @@ class NewSaga:
     #: Who submitted it (an API key id; '' in-process). Idempotency keys are unique per owner.
     owner: str = ""
 
+    def __post_init__(self) -> None:
+        if not self.steps:  # nothing to run, and no step rows to insert
+            raise ValueError(f"saga definition {self.definition!r} has no steps")
+
 
 class ActiveLimitReached(Exception):
     """The owner already has as many unfinished sagas as it may."""

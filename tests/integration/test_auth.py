@@ -269,13 +269,13 @@ def test_idempotency__keys_are_scoped_to_the_caller(live: Live) -> None:
         assert live.wait(saga.json()["id"])["status"] == "succeeded"
 
 
-@pytest.mark.parametrize("key, status", [("", 400), ("x" * 256, 422), ("tab\there", 400)])
-def test_idempotency__invalid_keys_are_refused(live: Live, key: str, status: int) -> None:
+@pytest.mark.parametrize("key", ["", "x" * 256, "tab\there"])
+def test_idempotency__invalid_keys_are_refused(live: Live, key: str) -> None:
     live.generate()
     resp = live.client.post("/sagas", headers={"Idempotency-Key": key}, json={
         "dataset": "clickstream", "partition_date": PARTITION,
         "source": {"path": f"clickstream/{PARTITION}/*.ndjson"}})
-    _problem(resp, status)
+    assert "1 to 255 printable ASCII" in _problem(resp, 400)["detail"]
     assert live.table_counts()["sagas"] == 0
 
 

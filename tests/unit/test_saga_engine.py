@@ -857,6 +857,26 @@ def test_heartbeat__keeps_the_lease_during_a_long_step(step_log: StepLog, script
     assert row.status == SagaStatus.SUCCEEDED and row.epoch == 1
 
 
+def test_stop__says_whether_the_running_step_finished_in_time(
+    step_log: StepLog, script: Script
+) -> None:
+    saga_id = create(step_log)
+    started, release = threading.Event(), threading.Event()
+
+    def long_step(ctx: StepContext) -> None:
+        started.set()
+        release.wait(30)
+
+    script.hooks["a"] = long_step
+    executor = make_executor(step_log, script)
+    executor.start()
+    assert started.wait(30)
+    assert executor.stop(timeout_s=0.2) is False  # the step is still running: say so
+    release.set()
+    assert executor.stop(timeout_s=30) is True
+    assert step_statuses(step_log, saga_id)["a"] == "succeeded"
+
+
 def test_poison__compensation_that_keeps_dying_ends_failed(
     db: Database, step_log: StepLog, script: Script
 ) -> None:
@@ -986,6 +1006,16 @@ def test_cancel__requested_after_a_step_is_seen_as_the_next_one_starts(
     state = step_log.update_step(saga_id, claim.epoch, "b", StepStatus.RUNNING,
                                  kind="step_started", values={"attempt": 1})
     assert state.cancel_requested is True
+
+
+def test_new_saga__without_steps_is_refused() -> None:
+    class Empty(Saga):
+        pass
+
+    with pytest.raises(ValueError, match="'Empty' has no steps"):
+        NewSaga(id=str(uuid.uuid4()), definition=Empty.name, dataset="clicks",
+                partition_date=PARTITION, request={}, manifest={"files": []},
+                request_fingerprint="f" * 64, idempotency_key=None, steps=Empty.step_names())
 
 
 def test_claim__carries_the_saga_and_its_steps(step_log: StepLog) -> None:
