@@ -116,11 +116,11 @@ def _drive(api: httpx.Client, service: Service, receiver: ThreadingHTTPServer,
         console.print(f"[red]POST /sagas → {resp.status_code}: {resp.text}[/red]")
         return 1
     saga_id = resp.json()["id"]
-    console.print(f"Submitted saga {saga_id} (POST /sagas → 202); polling GET /sagas/{{id}}")
+    console.print(f"Submitted saga {saga_id} (POST /sagas → 202); following it with "
+                  "GET /sagas/{id}?wait=20")
     saga = resp.json()
     while saga["status"] not in ("succeeded", "compensated", "failed"):
-        time.sleep(0.1)
-        saga = api.get(f"/sagas/{saga_id}").json()
+        saga = api.get(f"/sagas/{saga_id}", params={"wait": 20}).json()
     elapsed = time.perf_counter() - t0
     if saga["status"] == "succeeded":
         _wait_for_deliveries(api, saga_id, len(CONSUMERS))

@@ -3,7 +3,9 @@ partitions and consumers, plus the process's executor and webhook dispatcher."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import logging
@@ -31,10 +33,16 @@ from app.saga.executor import Executor, ExecutorConfig
 from app.saga.retry import RetryPolicy
 from app.saga.states import SagaStatus, StepStatus
 from app.saga.step_log import ActiveLimitReached, NewSaga, StepLog, rowcount, utcnow
+from app.saga.watch import SagaWatch
 from app.settings import Settings
 
 log = logging.getLogger("lakesaga.service")
 DEFINITION = "lakehouse_ingestion"
+#: Statuses a saga rests in until someone acts: a wait for a change returns at once.
+AT_REST = frozenset({SagaStatus.SUCCEEDED, SagaStatus.COMPENSATED, SagaStatus.FAILED})
+#: How often a waiting request reads the saga again when no signal came (a saga run by
+#: another process, a webhook delivery).
+WAIT_RECHECK_S = 0.2
 
 
 def iso(value: datetime | None) -> str | None:
@@ -54,6 +62,8 @@ class Service:
         self.db = Database(settings.database_url,
                            idle_in_transaction_timeout_s=settings.lease_ttl_s)
         self.log = StepLog(self.db)
+        self.watch = SagaWatch()
+        self.log.on_change = self.watch.changed
         self.rate_limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
         self.executor: Executor | None = None
         self._saga_query = _saga_query(self.db.is_postgres)
@@ -102,6 +112,7 @@ class Service:
         return self._lake
 
     def close(self) -> None:
+        self.watch.close()
         stopped = self.executor.stop() if self.executor is not None else True
         if self._dispatcher is not None:
             self._dispatcher.stop()
@@ -191,6 +202,24 @@ class Service:
             "steps": steps,
             "deliveries": deliveries,
         }
+
+    async def saga_once_changed(self, saga_id: str, wait_s: float) -> dict[str, Any]:
+        """Long polling: the saga resource as soon as it differs from what it is now, or at
+        once if the saga is at rest (succeeded, compensated, failed), or after ``wait_s``."""
+        with self.watch.watching(saga_id) as changed:
+            first = current = self.saga(saga_id)
+            if first["status"] in AT_REST:
+                return first
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + wait_s
+            while current == first and (left := deadline - loop.time()) > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), min(left, WAIT_RECHECK_S))
+                changed.clear()
+                if self.watch.closed:  # the server is stopping: answer with what is known
+                    break
+                current = self.saga(saga_id)
+        return current
 
     def list_sagas(self, *, status: str | None, dataset: str | None,
                    partition_date: date | None, limit: int, cursor: str | None,

@@ -10,10 +10,11 @@ each backend runs them (one transaction on SQLite, one statement on PostgreSQL).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from typing import Any, cast
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 from sqlalchemy import Connection, CursorResult, Result, select, update
 from sqlalchemy.exc import IntegrityError
@@ -104,9 +105,28 @@ class ActiveLimitReached(Exception):
     """The owner already has as many unfinished sagas as it may."""
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _announces(method: Callable[Concatenate[StepLog, str, _P], _R],
+               ) -> Callable[Concatenate[StepLog, str, _P], _R]:
+    """Tell ``StepLog.on_change`` about the saga (the first argument) once ``method`` returned:
+    its change is committed."""
+    @functools.wraps(method)
+    def announcing(self: StepLog, saga_id: str, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        result = method(self, saga_id, *args, **kwargs)
+        if self.on_change is not None:
+            self.on_change(saga_id)
+        return result
+    return announcing
+
+
 class StepLog:
     def __init__(self, db: Database) -> None:
         self.db = db
+        #: Called with a saga's id after each change to it this log commits (see SagaWatch).
+        self.on_change: Callable[[str], None] | None = None
 
     def create_saga(self, new: NewSaga, max_active: int = 0) -> tuple[SagaRow, bool]:
         """Insert the saga, its steps and its first event. Returns (row, created).
@@ -208,6 +228,8 @@ class StepLog:
                   "c_until": now + timedelta(seconds=lease_ttl_s)}
         claim = self._claim_pg(params) if self.db.is_postgres else self._claim(params)
         if claim is not None:
+            if self.on_change is not None:
+                self.on_change(claim.saga_id)
             fault_point("saga.claimed")
         return claim
 
@@ -276,6 +298,7 @@ class StepLog:
             return bool(conn.scalar(select(SAGAS.c.cancel_requested)
                                     .where(SAGAS.c.id == saga_id)))
 
+    @_announces
     def transition_saga(
         self, saga_id: str, epoch: int, target: SagaStatus, *, error: str | None = None
     ) -> None:
@@ -314,6 +337,7 @@ class StepLog:
                               {"from": current.status.value, **payload}, now)
         fault_point(f"saga.{target.value}")
 
+    @_announces
     def update_step(
         self,
         saga_id: str,
@@ -360,6 +384,7 @@ class StepLog:
             _insert_event(conn, saga_id, seq, epoch, kind, step, event, now)
         return saga
 
+    @_announces
     def save_checkpoint(self, saga_id: str, epoch: int, step: str, data: dict[str, Any]) -> None:
         now = utcnow()
         with self.db.writing() as conn:
@@ -372,6 +397,7 @@ class StepLog:
             _insert_event(conn, saga_id, seq, epoch, "checkpoint", step, data, now)
         fault_point(f"{step}.after_checkpoint")
 
+    @_announces
     def skip_pending_steps(self, saga_id: str, epoch: int, steps: Iterable[str]) -> None:
         names = list(steps)
         if not names:
@@ -388,6 +414,7 @@ class StepLog:
             if rowcount(result):
                 _append_event(conn, saga_id, epoch, "steps_skipped", None, {"steps": names}, now)
 
+    @_announces
     def record_event(
         self, saga_id: str, epoch: int, kind: str, step: str | None, payload: dict[str, Any]
     ) -> None:
@@ -396,6 +423,7 @@ class StepLog:
             seq, _ = _fence(conn, saga_id, epoch, now)
             _insert_event(conn, saga_id, seq, epoch, kind, step, payload, now)
 
+    @_announces
     def retry_failed(self, saga_id: str) -> bool:
         """Send a ``failed`` saga back to ``compensating`` with a fresh attempt budget.
 
@@ -421,6 +449,7 @@ class StepLog:
                            "reason": "retry requested"}, now)
         return True
 
+    @_announces
     def request_cancel(self, saga_id: str) -> SagaRow | None:
         """Flag a saga for cancellation; its owner compensates it at the next step boundary."""
         now = utcnow()

@@ -59,6 +59,7 @@ class Live:
         if self.stopped:
             return
         self.stopped = True
+        self.service.watch.close()  # what a SIGTERM does: uvicorn waits for open requests
         self.server.should_exit = True
         self.thread.join(timeout=15)
         self.client.close()
@@ -82,17 +83,17 @@ class Live:
         })
 
     def wait(self, saga_id: str, timeout: float = 30.0) -> dict[str, Any]:
-        """Poll GET /sagas/{id} until the saga is terminal; return it."""
+        """Follow the saga with long polls (GET /sagas/{id}?wait=) until it is at rest."""
         deadline = time.monotonic() + timeout
         while True:
-            resp = self.client.get(f"/sagas/{saga_id}")
+            left = deadline - time.monotonic()
+            resp = self.client.get(f"/sagas/{saga_id}", params={"wait": max(0.0, min(left, 10))})
             assert resp.status_code == 200, resp.text
             saga = resp.json()
             if saga["status"] in TERMINAL:
                 return saga
-            if time.monotonic() > deadline:
+            if left <= 0:
                 raise AssertionError(f"saga {saga_id} not terminal after {timeout} s: {saga}")
-            time.sleep(0.05)
 
     def wait_deliveries(self, saga_id: str, expected: int, timeout: float = 15.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout

@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
-from lakesaga_live import PARTITION, Live, WebhookReceiver
+from lakesaga_live import PARTITION, TERMINAL, Live, WebhookReceiver
 
 PROBLEM = "application/problem+json"
 
@@ -454,6 +454,48 @@ def test_dates_in_query_and_path__only_yyyy_mm_dd(live: Live) -> None:
 def test_get_saga__unknown_id_is_404(live: Live) -> None:
     body = _assert_problem(live.client.get("/sagas/does-not-exist"), 404, "does-not-exist")
     assert body["instance"] == "/sagas/does-not-exist"
+
+
+def test_get_saga__wait_answers_each_change_until_the_saga_is_at_rest(live: Live) -> None:
+    live.generate()
+    answers = [live.submit().json()]
+    saga_id = answers[0]["id"]
+    while answers[-1]["status"] not in TERMINAL:
+        # The client gives up long before the wait ends: every answer came with a change.
+        resp = live.client.get(f"/sagas/{saga_id}", params={"wait": 30}, timeout=10)
+        assert resp.status_code == 200, resp.text
+        answers.append(resp.json())
+        assert len(answers) < 50, answers[-1]
+    assert all(a != b for a, b in zip(answers, answers[1:], strict=False))
+    assert answers[-1]["status"] == "succeeded"
+    assert any(a["status"] == "running" for a in answers[1:-1])  # it saw the saga under way
+
+    at_rest = live.client.get(f"/sagas/{saga_id}", params={"wait": 60}, timeout=5)
+    assert at_rest.status_code == 200 and at_rest.json() == answers[-1]
+
+
+def test_get_saga__wait_without_a_change_answers_after_the_wait(
+        live_factory: Callable[..., Live]) -> None:
+    live = live_factory(faults="ingest_to_bronze=sleep:3000@1")
+    live.generate()
+    saga_id = live.submit().json()["id"]
+    deadline = time.monotonic() + 20
+    while (before := live.client.get(f"/sagas/{saga_id}").json())["steps"][0]["status"] != "running":
+        assert time.monotonic() < deadline, before
+        time.sleep(0.02)
+
+    # Bronze sleeps 3 s at its start: half a second of waiting sees no change.
+    resp = live.client.get(f"/sagas/{saga_id}", params={"wait": 0.5}, timeout=2.5)
+    assert resp.status_code == 200 and resp.json() == before
+    assert live.wait(saga_id)["status"] == "succeeded"
+
+
+def test_get_saga__wait_out_of_range_is_422(live: Live) -> None:
+    live.generate()
+    saga_id = live.submit().json()["id"]
+    for value in ("-1", "60.5", "soon", "nan"):
+        _assert_problem(live.client.get(f"/sagas/{saga_id}", params={"wait": value}), 422, "wait")
+    _assert_problem(live.client.get("/sagas/does-not-exist", params={"wait": 5}), 404)
 
 
 def test_unknown_route__is_404_problem(live: Live) -> None:

@@ -13,7 +13,8 @@ succeed and checks the 2xx answer, so success bodies are always validated.
 ``test_api__conforms_to_openapi`` fuzzes each operation: 100 fuzzing-phase examples (about half
 schema-violating) plus the coverage and explicit-examples phases. Hooks mix the seeded ids, the
 catalogued partitions and valid ``POST /sagas`` / ``POST /consumers`` bodies into the generated
-data, so that 202, 409 and the like come up beside 404 and 422. Negative cases that drop the
+data, so that 202, 409 and the like come up beside 404 and 422; a valid ``wait`` is cut to
+0.2 s (the pending saga would hold the request for up to a minute). Negative cases that drop the
 ``Authorization`` header send none and get 401. ``/healthz`` and ``/readyz`` take no input:
 hypothesis exhausts them after the one possible request. At teardown the module asserts that
 the operations fuzzed are exactly those ``GET /openapi.json`` serves, each with its 100 examples.
@@ -349,6 +350,19 @@ def flatmap_path_parameters(context: schemathesis.HookContext,
 def flatmap_body(context: schemathesis.HookContext, body: Any) -> st.SearchStrategy[Any]:
     assert context.operation is not None
     return _mixed(body, _known.bodies.get(context.operation.path))
+
+
+#: A valid ``wait`` (up to 60 s) on the pending saga would hold the request that long: valid
+#: waits are cut to this, invalid ones are sent as generated.
+MAX_WAIT_S = 0.2
+
+
+@schema.hook
+def map_query(context: schemathesis.HookContext, query: Any) -> Any:
+    wait = query.get("wait") if isinstance(query, dict) else None
+    if isinstance(wait, int | float) and not isinstance(wait, bool) and 0 < wait <= 60:
+        query["wait"] = min(wait, MAX_WAIT_S)
+    return query
 
 
 @schema.parametrize()

@@ -4,7 +4,8 @@ revoked key is refused by all of them), and their executors run sagas. The super
 non-zero when its processes cannot start, and they do not outlive it, even when it is SIGKILLed.
 
 Each process is shown to serve on its own by SIGSTOPping the others: a connection waits in the
-shared accept queue until a running process takes it.
+shared accept queue until a running process takes it. A server told to stop answers its long
+polls at once instead of letting them hold the shutdown.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -245,3 +247,36 @@ def test_serve__without_keys_warns_and_refuses(
     keyed = serve(env, "--no-workers", wait=1)
     assert _get(keyed, "/sagas", token).status_code == 200
     assert warning not in keyed.tail(), keyed.tail()
+
+
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_serve__sigterm_ends_a_long_poll_at_once(
+        serve: Callable[..., Served], deployment: tuple[dict[str, str], str],
+        processes: str) -> None:
+    """uvicorn lets open requests finish before it exits: a ``GET ?wait=60`` on a saga that
+    cannot change (no executor) is answered at once when the server is told to stop."""
+    env, token = deployment
+    served = serve(env, "--processes", processes, "--no-workers", wait=int(processes))
+    headers = {"Authorization": f"Bearer {token}"}
+    saga = httpx.post(f"{served.base_url}/sagas", json=SAGA_REQUEST, headers=headers,
+                      timeout=30).json()
+    answers: list[httpx.Response | BaseException] = []
+
+    def long_poll() -> None:
+        try:  # far below the wait: only an answer at the SIGTERM makes it in time
+            answers.append(httpx.get(f"{served.base_url}/sagas/{saga['id']}?wait=60",
+                                     headers=headers, timeout=20))
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            answers.append(exc)
+
+    poller = threading.Thread(target=long_poll)
+    poller.start()
+    time.sleep(1.0)
+    assert not answers, answers  # still waiting: the saga is pending
+    served.proc.send_signal(signal.SIGTERM)
+    poller.join(timeout=30)
+    # One process: uvicorn re-raises the SIGTERM once it has shut down; a supervisor exits 0.
+    assert served.proc.wait(timeout=30) in (0, -signal.SIGTERM), served.tail()
+    assert len(answers) == 1 and isinstance(answers[0], httpx.Response), answers
+    assert answers[0].status_code == 200, answers[0].text
+    assert answers[0].json() == saga

@@ -58,8 +58,21 @@ async def list_sagas(
 
 
 @router.get("/{saga_id}", response_model=Saga, dependencies=[READ])
-async def get_saga(saga_id: str, service: ServiceDep) -> dict:
-    """A saga with its steps, metrics, compensations and webhook deliveries."""
+async def get_saga(
+    saga_id: str,
+    service: ServiceDep,
+    wait: Annotated[float, Query(
+        ge=0, le=60, description="Long polling: answer as soon as the saga changes (its "
+        "status, a step, a delivery), or after this many seconds. A saga at rest (`succeeded`, "
+        "`compensated`, `failed`) is answered at once. 0 (the default) answers at once.")] = 0,
+) -> dict:
+    """A saga with its steps, metrics, compensations and webhook deliveries.
+
+    With `wait`, a client follows a saga without polling: repeat the request until the saga
+    is at rest; each answer shows the saga as it changed.
+    """
+    if wait:
+        return await service.saga_once_changed(saga_id, wait)
     return service.saga(saga_id)
 
 
