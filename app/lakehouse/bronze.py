@@ -11,10 +11,10 @@ import errno
 import hashlib
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import duckdb
 
@@ -32,6 +32,10 @@ READERS = {
     "csv": "read_csv($files, all_varchar=true, union_by_name=true, filename='_source_path')",
     "parquet": "read_parquet($files, union_by_name=true, filename='_source_path')",
 }
+
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 
 class SourceChanged(PermanentError):
@@ -88,24 +92,38 @@ def verify_manifest(root: Path, manifest: dict[str, Any],
     Files hashed at accept time are checked against that hash; others against ``known_hashes``
     (recorded by an earlier attempt of this step), or hashed now for the first time. The
     manifest holds resolved paths, so a symlink found at one now means the file was replaced.
-    Files are hashed on one thread per core (hashlib releases the GIL); the error reported is
-    that of the first failing file in manifest order.
+    Files are hashed on one thread per usable core (hashlib releases the GIL); the error
+    reported is that of the first failing file in manifest order.
     """
     root = root.resolve()
     entries = manifest["files"]
-    workers = min(len(entries), os.cpu_count() or 1)
-    if workers <= 1:
-        digests = [_verify_file(root, entry, known_hashes) for entry in entries]
-    else:
-        with ThreadPoolExecutor(workers, thread_name_prefix="lakesaga-verify") as pool:
-            futures = [pool.submit(_verify_file, root, entry, known_hashes) for entry in entries]
-            try:
-                digests = [future.result() for future in futures]
-            except BaseException:
-                for future in futures:  # the saga fails on this file: hash no more of them
-                    future.cancel()
-                raise
+    digests = map_on_cores(lambda entry: _verify_file(root, entry, known_hashes), entries)
     return {entry["path"]: digest for entry, digest in zip(entries, digests, strict=True)}
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def map_on_cores(fn: Callable[[_T], _R], items: Sequence[_T]) -> list[_R]:
+    """``[fn(item) for item in items]`` on one thread per usable core (for work that releases
+    the GIL, such as hashing). The error raised is the first failing item's, in order, and no
+    further item is started once one has failed."""
+    workers = min(len(items), usable_cores())
+    if workers <= 1:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(workers, thread_name_prefix="lakesaga-hash") as pool:
+        futures = [pool.submit(fn, item) for item in items]
+        try:
+            return [future.result() for future in futures]
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
 
 
 def _verify_file(root: Path, entry: dict[str, Any], known_hashes: dict[str, str]) -> str:

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from app.lakehouse.bronze import sha256_file
+from app.lakehouse.bronze import map_on_cores, sha256_file
 
 FORMATS = ("json", "csv", "parquet")
 _GLOB_CHARS = set("*?[]{}")
@@ -88,12 +88,17 @@ def resolve_manifest(root: Path, pattern: str, fmt: str, *, max_files: int, max_
         raise SourceError(f"source.path {pattern!r} matches no file under the source root")
     manifest = [files[p] for p in sorted(files)]
     if total <= hash_max_bytes:
-        for entry in manifest:
-            try:
-                entry["sha256"] = sha256_file(root / entry["path"], size=entry["size"])
-            except OSError as exc:  # NotRegularFile too: replaced since the walk saw it
-                raise SourceError(f"{entry['path']} changed while it was being hashed") from exc
+        for entry, digest in zip(manifest, map_on_cores(lambda e: _hash(root, e), manifest),
+                                 strict=True):
+            entry["sha256"] = digest
     return {"format": fmt, "files": manifest, "total_bytes": total}
+
+
+def _hash(root: Path, entry: dict[str, Any]) -> str:
+    try:
+        return sha256_file(root / entry["path"], size=entry["size"])
+    except OSError as exc:  # NotRegularFile too: replaced since the walk saw it
+        raise SourceError(f"{entry['path']} changed while it was being hashed") from exc
 
 
 class _Walk:
