@@ -8,9 +8,10 @@ same DuckLake catalog kind, alternating runs; medians, ratios, peak RSS and the 
 
 Each side runs in its own process (a fresh ``lakesaga serve`` with its executor, or a fresh
 ``python bench/pipeline.py _plain``) on a fresh lake, so each process's own ``ru_maxrss`` is its
-peak RSS. The saga's time is observed by the client: POST /sagas, then GET every 25 ms until
-``succeeded``. The plain script's time is its three lake transactions (the saga server has the
-lake attached and the tables created before the POST, so attach and DDL are reported apart).
+peak RSS. The saga's time is observed by the client: POST /sagas, then long polls
+(``GET /sagas/{id}?wait=30``, answered as soon as the saga changes) until ``succeeded``. The
+plain script's time is its three lake transactions (the saga server has the lake attached and
+the tables created before the POST, so attach and DDL are reported apart).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ COLUMNS = [
     ("referrer", "VARCHAR", "direct"), ("device", "VARCHAR", "unknown"),
     ("country", "VARCHAR", "ZZ"), ("event_ts", "TIMESTAMP", None), ("duration_ms", "BIGINT", 0),
 ]
-POLL_S = 0.025
+#: Each GET /sagas/{id} waits up to this long for the saga to change (long polling).
+WAIT_S = 30
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,6 +181,7 @@ def plain_main(argv: list[str]) -> None:
     for statement in DDL:
         con.execute(statement)
     t["create_tables_s"] = time.perf_counter() - mark
+    idle_rss_mib = _vm_rss_mib()  # like the saga server's idle RSS: attached, tables created
 
     files = sorted(glob.glob(str(a.source_dir / "*.ndjson")))
     root = str(a.source_dir.parents[1]).rstrip("/") + "/"
@@ -232,7 +235,14 @@ def plain_main(argv: list[str]) -> None:
     t["pipeline_s"] = t["bronze_s"] + t["silver_s"] + t["gold_s"]
     t["script_s"] = time.perf_counter() - start
     con.close()
-    print(json.dumps({"timings": t, "counts": counts}))
+    print(json.dumps({"timings": t, "counts": counts, "idle_rss_mib": idle_rss_mib}))
+
+
+def _vm_rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,11 +327,9 @@ def run_saga(data: dict[str, Any], run_dir: Path, a: argparse.Namespace,
             if resp.status_code != 202:
                 raise RuntimeError(f"POST /sagas -> {resp.status_code}: {resp.text}")
             saga_id = resp.json()["id"]
-            while True:
-                saga = api.get(f"/sagas/{saga_id}").json()
-                if saga["status"] in ("succeeded", "compensated", "failed"):
-                    break
-                time.sleep(POLL_S)
+            saga = resp.json()
+            while saga["status"] not in ("succeeded", "compensated", "failed"):
+                saga = api.get(f"/sagas/{saga_id}", params={"wait": WAIT_S}).json()
             e2e = time.perf_counter() - t0
     finally:
         finished = server.stop()
@@ -403,7 +411,8 @@ def summarize(records: int, files: int, data: dict[str, Any],
                         for k in ("connect_attach_s", "create_tables_s", "bronze_s", "silver_s",
                                   "gold_s")},
             "process_wall_s": med(r["process_wall_s"] for r in plain),
-            "peak_rss_mib": plain_rss, "cpu_s": med(r["cpu_s"] for r in plain),
+            "peak_rss_mib": plain_rss, "idle_rss_mib": med(r["idle_rss_mib"] for r in plain),
+            "cpu_s": med(r["cpu_s"] for r in plain),
             "all_pipeline_s": [r["timings"]["pipeline_s"] for r in plain],
         },
         "saga": {
@@ -420,9 +429,18 @@ def summarize(records: int, files: int, data: dict[str, Any],
         "ratio_e2e_vs_pipeline": saga_e2e / plain_pipeline if saga_e2e and plain_pipeline else None,
         "ratio_e2e_vs_script": saga_e2e / plain_script if saga_e2e and plain_script else None,
         "ratio_peak_rss": saga_rss / plain_rss if saga_rss and plain_rss else None,
+        # What each process added to its idle RSS for the pipeline: the working memory.
+        "ratio_working_rss": _working_ratio(saga, plain),
         "memory_limit": a.memory_limit or None, "threads": a.threads or None,
         "saga_within_memory_limit": (saga_rss <= limit_mib) if limit_mib and saga_rss else None,
     }
+
+
+def _working_ratio(saga: list[dict[str, Any]], plain: list[dict[str, Any]]) -> float | None:
+    med = harness.median
+    saga_mib = med(r["peak_rss_mib"] - r["idle_rss_mib"] for r in saga)
+    plain_mib = med(r["peak_rss_mib"] - r["idle_rss_mib"] for r in plain)
+    return saga_mib / plain_mib if saga_mib and plain_mib else None
 
 
 def _mib(text: str) -> float:
@@ -435,15 +453,19 @@ def _mib(text: str) -> float:
     return float(value) / 2**20
 
 
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
 def render(result: dict[str, Any]) -> str:
     rows, steps = [], []
     for s in result["sizes"]:
         rows.append([f"{s['records']:,}", s["plain"]["pipeline_s"], s["plain"]["script_s"],
                      s["saga"]["e2e_s"], f"{s['ratio_e2e_vs_pipeline']:.2f}x",
                      f"{s['ratio_e2e_vs_script']:.2f}x", s["plain"]["peak_rss_mib"],
-                     s["saga"]["peak_rss_mib"], s["saga"].get("idle_rss_mib"),
-                     f"{s['ratio_peak_rss']:.2f}x",
-                     "yes" if s["same_counts"] else "NO"])
+                     s["saga"]["peak_rss_mib"], s["plain"].get("idle_rss_mib"),
+                     s["saga"].get("idle_rss_mib"), f"{s['ratio_peak_rss']:.2f}x",
+                     _ratio(s.get("ratio_working_rss")), "yes" if s["same_counts"] else "NO"])
         p, g = s["plain"]["steps_s"], s["saga"]["steps_s"]
         steps.append([f"{s['records']:,}", p["connect_attach_s"], p["create_tables_s"],
                       p["bronze_s"], p["silver_s"], p["gold_s"], s["saga"]["post_s"],
@@ -453,11 +475,12 @@ def render(result: dict[str, Any]) -> str:
                       s["saga"]["e2e_s"] - s["saga"]["steps_sum_s"] - s["saga"]["claim_delay_s"]])
     out = [harness.table(["records", "plain SQL s", "plain script s", "saga e2e s",
                           "saga/plain SQL", "saga/plain script", "plain RSS MiB",
-                          "saga RSS MiB", "saga idle RSS MiB", "RSS ratio", "same counts"],
+                          "saga RSS MiB", "plain idle RSS MiB", "saga idle RSS MiB",
+                          "RSS ratio", "RSS above idle ratio", "same counts"],
                          rows),
            "",
            "Per step (medians, seconds). Plain: attach, DDL, bronze, silver, gold. Saga: POST, "
-           "claim delay, the five steps, and what is left of the e2e time (polling, records):",
+           "claim delay, the five steps, and what is left of the e2e time (transitions, answers):",
            "",
            harness.table(["records", "attach", "DDL", "bronze", "silver", "gold", "POST",
                           "claim", "bronze", "silver", "gold", "catalog", "notify", "rest"],

@@ -169,10 +169,14 @@ def render(quick: bool) -> str:
                 f"{', '.join(str(s['runs']) for s in pipe['sizes'])} alternating runs per size "
                 "after warm-up. *plain SQL* = the plain script's three lake transactions; *plain "
                 "script* adds its connect/attach and CREATE TABLEs (the saga server attaches and "
-                "creates its tables before the POST). *saga e2e* = POST /sagas until a GET sees "
-                "`succeeded` (polling every 25 ms). Peak RSS = each process's own `ru_maxrss`; "
-                "*saga idle RSS* = the server's before the POST (the service itself: FastAPI, "
-                "SQLAlchemy, DuckDB with the lake attached).",
+                "creates its tables before the POST). *saga e2e* = POST /sagas until a long poll "
+                "(`GET /sagas/{id}?wait=30`, answered as soon as the saga changes) sees "
+                "`succeeded`. Peak RSS = each process's own `ru_maxrss`; "
+                "*idle RSS* = the process's RSS before its pipeline: the saga server's before the "
+                "POST (the service itself: FastAPI, SQLAlchemy, DuckDB with the lake attached), "
+                "the plain script's after its attach and DDL. *RSS above idle ratio* = (saga "
+                "peak - saga idle) / (plain peak - plain idle): the pipeline's working memory on "
+                "each side. The target is judged on the peak ratio.",
                 "", pipeline.render(pipe), ""]
         for s in pipe["sizes"]:
             out.append(f"- {s['records']:,} records in {s['files']} files: "
