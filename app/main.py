@@ -18,7 +18,7 @@ from app.api.routes import consumers, datasets, health, sagas
 from app.api.schemas import ProblemDetail
 from app.auth import list_keys
 from app.errors import Problem
-from app.saga.watch import end_waits_on_exit_signals
+from app.saga.watch import waits_end_on_exit_signals
 from app.service import Service
 from app.settings import Settings, get_settings
 
@@ -43,12 +43,12 @@ def create_app(settings: Settings | None = None, *, run_workers: bool = True,
         if owned and run_workers:
             svc.start_workers()
         app.state.service = svc
-        end_waits_on_exit_signals(svc.watch)
         if not list_keys(svc.db):
             log.warning("no API keys exist yet: every request but /healthz and /readyz will "
                         "get 401; create one with `lakesaga keys create NAME --scope write`")
         try:
-            yield
+            with waits_end_on_exit_signals(svc.watch):
+                yield
         finally:
             if owned:
                 svc.close()

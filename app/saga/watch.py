@@ -7,7 +7,7 @@ by another process gives no signal here: waiters also read it again every
 ``app.service.WAIT_RECHECK_S``.
 
 uvicorn lets open requests finish before it shuts down, so a server told to stop ends every
-wait at once (:func:`end_waits_on_exit_signals`) instead of after up to a minute.
+wait at once (:func:`waits_end_on_exit_signals`) instead of after up to a minute.
 """
 
 from __future__ import annotations
@@ -70,12 +70,16 @@ def _wake(waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]) -> Non
             loop.call_soon_threadsafe(event.set)
 
 
-def end_waits_on_exit_signals(watch: SagaWatch) -> None:
-    """Chain to the SIGINT/SIGTERM handlers installed now (uvicorn's, while it serves): the
-    signal also ends every wait. Only from the main thread, where signal handlers live."""
+@contextlib.contextmanager
+def waits_end_on_exit_signals(watch: SagaWatch) -> Iterator[None]:
+    """While the block runs, SIGINT and SIGTERM also end every wait: a handler chained to the
+    ones installed now (uvicorn's, while it serves). Only in the main thread, where signal
+    handlers live; the previous handlers are back afterwards."""
     if threading.current_thread() is not threading.main_thread():
+        yield
         return
     loop = asyncio.get_running_loop()
+    installed: dict[signal.Signals, tuple[Any, Any]] = {}
     for signum in (signal.SIGINT, signal.SIGTERM):
         previous = signal.getsignal(signum)
         if not callable(previous):
@@ -83,8 +87,16 @@ def end_waits_on_exit_signals(watch: SagaWatch) -> None:
 
         def handler(sig: int, frame: FrameType | None, previous: Any = previous) -> None:
             # A signal handler may interrupt the loop thread inside SagaWatch's lock: only
-            # schedule the close, on the loop.
-            loop.call_soon_threadsafe(watch.close)
+            # schedule the close, on the loop (gone if the server has already stopped).
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(watch.close)
             previous(sig, frame)
 
         signal.signal(signum, handler)
+        installed[signum] = (handler, previous)
+    try:
+        yield
+    finally:
+        for signum, (handler, previous) in installed.items():
+            if signal.getsignal(signum) is handler:  # nobody chained after us
+                signal.signal(signum, previous)
