@@ -553,22 +553,26 @@ def test_post_consumer__loopback_allowed_only_by_allow_list(live: Live) -> None:
     _assert_problem(live.client.delete(f"/consumers/{created['id']}"), 404)
 
 
-INTERNAL_URLS = [
-    "http://127.0.0.1/", "http://169.254.169.254/", "http://[::ffff:127.0.0.1]/",
-    "http://2130706433/", "http://10.0.0.1/", "http://localhost:8080/", "http://[::1]/",
-    "http://0.0.0.0/", "ftp://example.com/", "http://user:pw@example.com/",
-]
+#: Each refused URL and a text its problem detail must contain.
+INTERNAL_URLS = {
+    "http://127.0.0.1/": "non-public address", "http://169.254.169.254/": "non-public address",
+    "http://[::ffff:127.0.0.1]/": "non-public address",
+    "http://2130706433/": "canonical IP address", "http://10.0.0.1/": "non-public address",
+    "http://localhost:8080/": "non-public address", "http://[::1]/": "non-public address",
+    "http://0.0.0.0/": "non-public address", "ftp://example.com/": "http or https",
+    "http://user:pw@example.com/": "credentials",
+}
 
 
 def test_post_consumer__internal_url_rejected_without_allow_list(
         live_factory: Callable[..., Live]) -> None:
     live = live_factory(webhook_allow_hosts=[])
 
-    for url in INTERNAL_URLS:  # one server for all cases keeps the test fast
+    for url, reason in INTERNAL_URLS.items():  # one server for all cases keeps the test fast
         resp = live.client.post("/consumers", json={"name": "evil", "dataset": "clickstream",
                                                     "url": url})
         assert resp.status_code == 422, (url, resp.text)
-        _assert_problem(resp, 422)
+        _assert_problem(resp, 422, reason)
 
     assert live.client.get("/consumers").json() == []
     assert live.table_counts()["consumers"] == 0
