@@ -230,10 +230,15 @@ class Database:
         with self._writer:
             yield
 
+    # Lock order, SQLite: a pooled connection first, then the writer lock, then BEGIN
+    # IMMEDIATE. A pinned writer already holds its connection when it asks for the lock, so a
+    # writer that took the lock first and then waited for the pool could wait on them all.
+
     @contextmanager
     def transaction(self) -> Iterator[Session]:
         """A session whose work commits on success and rolls back on any error."""
-        with self.write_turn(), self.sessions() as session, session.begin():
+        with (self.engine.connect() as connection, self.write_turn(),
+              self.sessions(bind=connection) as session, session.begin()):
             yield session
 
     @contextmanager
@@ -241,7 +246,7 @@ class Database:
         """A Core connection in a write transaction: commits on success, rolls back on error."""
         pinned = None if self.is_postgres else self._pinned()
         if pinned is None:
-            with self.write_turn(), self.engine.begin() as connection:
+            with self.engine.connect() as connection, self.write_turn(), connection.begin():
                 yield connection
             return
         try:

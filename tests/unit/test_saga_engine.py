@@ -1196,3 +1196,60 @@ def test_reads__do_not_wait_for_a_sqlite_writer(db: Database, step_log: StepLog)
     finally:
         writer.execute("ROLLBACK")
         writer.close()
+
+
+@pytest.mark.parametrize("unpinned", ["writing", "transaction"])
+def test_writers__pinned_ones_and_one_waiting_for_the_pool_do_not_stall(
+    tmp_path: Path, unpinned: str
+) -> None:
+    """SQLite: a writer without a pinned connection checks one out before it takes the
+    process's writer lock, as pinned writers (which hold theirs) do. With the opposite order, a
+    writer holding the lock waited for the pool while every pooled connection was pinned by a
+    thread waiting for the lock: a stall until the pool's 30 s timeout."""
+    db = Database(f"sqlite:///{tmp_path / 'pool.db'}")
+    try:
+        with db.writing() as conn:
+            conn.execute(text("CREATE TABLE t (who TEXT)"))
+        size = db.engine.pool.size() + db.engine.pool._max_overflow  # type: ignore[attr-defined]
+        holding, go = threading.Barrier(size + 1), threading.Event()
+        errors: list[BaseException] = []
+
+        def pinned_writer(n: int) -> None:
+            try:
+                with db.pinned():
+                    for _ in range(2):  # the first write pins a connection
+                        with db.writing() as conn:
+                            conn.execute(text("INSERT INTO t VALUES (:w)"), {"w": f"p{n}"})
+                        if not go.is_set():
+                            holding.wait(10)
+                            go.wait(10)
+            except BaseException as exc:
+                errors.append(exc)
+
+        def unpinned_writer() -> None:
+            try:
+                if unpinned == "writing":
+                    with db.writing() as conn:
+                        conn.execute(text("INSERT INTO t VALUES ('u')"))
+                else:
+                    with db.transaction() as session:
+                        session.execute(text("INSERT INTO t VALUES ('u')"))
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=pinned_writer, args=(n,)) for n in range(size)]
+        for thread in threads:
+            thread.start()
+        holding.wait(10)  # every pooled connection is pinned
+        late = threading.Thread(target=unpinned_writer)
+        late.start()
+        time.sleep(0.5)  # it waits for the pool (before the fix: holding the writer lock)
+        go.set()
+        for thread in [*threads, late]:
+            thread.join(timeout=10)
+        assert not any(t.is_alive() for t in [*threads, late]), "writers stalled"
+        assert errors == []
+        with db.reading() as conn:
+            assert conn.scalar(text("SELECT count(*) FROM t")) == 2 * size + 1
+    finally:
+        db.dispose()
