@@ -31,15 +31,13 @@ from app.notify.outbox import deliveries_for_saga
 from app.notify.urls import UnsafeUrl, check_webhook_url
 from app.saga.executor import Executor, ExecutorConfig
 from app.saga.retry import RetryPolicy
-from app.saga.states import SagaStatus, StepStatus
+from app.saga.states import FINISHED_SAGA_STATUSES, SagaStatus, StepStatus
 from app.saga.step_log import ActiveLimitReached, NewSaga, StepLog, rowcount, utcnow
 from app.saga.watch import SagaWatch
 from app.settings import Settings
 
 log = logging.getLogger("lakesaga.service")
 DEFINITION = "lakehouse_ingestion"
-#: Statuses a saga rests in until someone acts: a wait for a change returns at once.
-AT_REST = frozenset({SagaStatus.SUCCEEDED, SagaStatus.COMPENSATED, SagaStatus.FAILED})
 #: How often a waiting request reads the saga again when no signal came (a saga run by
 #: another process, a webhook delivery).
 WAIT_RECHECK_S = 0.2
@@ -208,7 +206,7 @@ class Service:
         once if the saga is at rest (succeeded, compensated, failed), or after ``wait_s``."""
         with self.watch.watching(saga_id) as changed:
             first = current = self.saga(saga_id)
-            if first["status"] in AT_REST:
+            if first["status"] in FINISHED_SAGA_STATUSES:
                 return first
             loop = asyncio.get_running_loop()
             deadline = loop.time() + wait_s

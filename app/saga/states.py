@@ -42,6 +42,9 @@ class StepStatus(StrEnum):
 
 
 TERMINAL_SAGA_STATUSES = frozenset({SagaStatus.SUCCEEDED, SagaStatus.COMPENSATED})
+#: Statuses a saga rests in until someone acts (``failed`` until a retry): it has a
+#: ``finished_at``, no worker holds it, and a wait for it to change answers at once.
+FINISHED_SAGA_STATUSES = TERMINAL_SAGA_STATUSES | {SagaStatus.FAILED}
 #: Statuses a worker may hold a lease on.
 ACTIVE_SAGA_STATUSES = frozenset({SagaStatus.RUNNING, SagaStatus.COMPENSATING})
 

@@ -28,6 +28,7 @@ from app.saga.errors import CancelRequested, InvalidTransition, LostOwnership
 from app.saga.statements import SAGAS, STEPS
 from app.saga.states import (
     ALLOWED_SAGA_TRANSITIONS,
+    FINISHED_SAGA_STATUSES,
     SagaStatus,
     StepStatus,
     saga_sources_of,
@@ -116,8 +117,7 @@ def _announces(method: Callable[Concatenate[StepLog, str, _P], _R],
     @functools.wraps(method)
     def announcing(self: StepLog, saga_id: str, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         result = method(self, saga_id, *args, **kwargs)
-        if self.on_change is not None:
-            self.on_change(saga_id)
+        self._announce(saga_id)
         return result
     return announcing
 
@@ -127,6 +127,10 @@ class StepLog:
         self.db = db
         #: Called with a saga's id after each change to it this log commits (see SagaWatch).
         self.on_change: Callable[[str], None] | None = None
+
+    def _announce(self, saga_id: str) -> None:
+        if self.on_change is not None:
+            self.on_change(saga_id)
 
     def create_saga(self, new: NewSaga, max_active: int = 0) -> tuple[SagaRow, bool]:
         """Insert the saga, its steps and its first event. Returns (row, created).
@@ -228,8 +232,7 @@ class StepLog:
                   "c_until": now + timedelta(seconds=lease_ttl_s)}
         claim = self._claim_pg(params) if self.db.is_postgres else self._claim(params)
         if claim is not None:
-            if self.on_change is not None:
-                self.on_change(claim.saga_id)
+            self._announce(claim.saga_id)
             fault_point("saga.claimed")
         return claim
 
@@ -308,7 +311,7 @@ class StepLog:
         values: dict[str, Any] = {"updated_at": now}
         if error is not None:
             values["error"] = error
-        if target in (SagaStatus.SUCCEEDED, SagaStatus.COMPENSATED, SagaStatus.FAILED):
+        if target in FINISHED_SAGA_STATUSES:
             values.update(finished_at=now, lease_owner=None, lease_expires_at=None)
         payload: dict[str, Any] = {"to": target.value}
         if error:
