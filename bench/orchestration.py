@@ -10,9 +10,10 @@ would otherwise pick, in the same run: sagaz (declarative saga, its SQLite stora
 lakesaga: N pending sagas are created first (timed: the creation rate), then W worker processes
 with C threads each call ``Executor.run_once`` until nothing is claimable; sagas/s = N / (last
 ``finished_at`` - go). Every StepLog call is timed in the workers (a StepLog subclass), so the
-per-transition latency is that of one persisted transition (claim, step started/succeeded,
-saga succeeded), each its own transaction. sagaz and dbos: each of W processes runs N/W sagas
-(C in flight: asyncio tasks for sagaz, threads for dbos); sagas/s = N / (last end - go).
+per-transition latency is that of one persisted write (claim, step started, a step's success
+with the next step's start or the saga's success), each its own transaction. sagaz and dbos:
+each of W processes runs N/W sagas (C in flight: asyncio tasks for sagaz, threads for dbos);
+sagas/s = N / (last end - go).
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ import harness  # noqa: E402
 
 STEPS = ["s1", "s2", "s3", "s4", "s5"]
 DEFINITION = "bench_noop"
-#: StepLog methods that persist a transition (each one transaction with its saga_events row).
-WRITES = ("claim_next", "update_step", "transition_saga")
+#: StepLog methods that persist a transition (each one transaction with its saga_events rows).
+WRITES = ("claim_next", "update_step", "advance", "transition_saga")
 
 
 def utcnow() -> datetime:
@@ -97,14 +98,16 @@ def lakesaga_worker(a: argparse.Namespace) -> dict[str, Any]:
             finally:
                 end = time.perf_counter()
                 timings.setdefault(name, []).append(end - t)
-                if name == "transition_saga":
+                # The saga's last write: a transition, or the last step's success (advance)
+                if name == "transition_saga" or (name == "advance" and kwargs["start"] is None):
                     begun = started.pop(args[0], None)
                     if begun is not None:
                         saga_latency.append(end - begun)
 
         return wrapper
 
-    for name in ("claim_next", "update_step", "transition_saga", "get", "steps", "ensure_owner",
+    for name in ("claim_next", "update_step", "advance", "transition_saga", "get", "steps",
+                 "ensure_owner",
                  "cancel_requested", "renew_lease", "release", "save_checkpoint"):
         setattr(TimedStepLog, name, timed(name))
     original_claim = TimedStepLog.claim_next

@@ -24,7 +24,7 @@ from app.saga.fencing import owner_check
 from app.saga.lease import Lease, LeaseKeeper
 from app.saga.retry import RetryPolicy
 from app.saga.states import STEP_STATUSES_TO_COMPENSATE, SagaStatus, StepStatus
-from app.saga.step_log import Claim, StepLog, utcnow
+from app.saga.step_log import Claim, StepLog, StepStart, utcnow
 
 log = logging.getLogger("lakesaga.executor")
 
@@ -140,8 +140,10 @@ class SagaRunner:
     def _run_forward(self) -> bool:
         """Run the remaining forward steps. True if the saga must now compensate."""
         outputs: dict[str, dict[str, Any]] = {}
+        steps = self.definition.steps
         pivot_index = self.definition.pivot_index()
-        for index, spec in enumerate(self.definition.steps):
+        started = False  # the step at hand was started by the previous step's record
+        for index, spec in enumerate(steps):
             row = self.steps[spec.name]
             if row.status == StepStatus.SUCCEEDED:
                 outputs[spec.name] = row.output or {}
@@ -152,16 +154,22 @@ class SagaRunner:
                 self.log.transition_saga(self.saga_id, self.epoch, SagaStatus.COMPENSATING,
                                          error=f"{spec.name} failed: {row.error}")
                 return True
+            last = index == len(steps) - 1
+            start = None if last else self._start_of(index + 1)
             try:
                 # Cancellation is checked under the saga's lock as the step starts; past the
                 # pivot it is ignored.
                 error = self._run_step(spec, outputs, row.attempt, row.checkpoint,
-                                       unless_cancelled=not after_pivot)
+                                       unless_cancelled=not after_pivot, started=started,
+                                       then=start, last=last)
             except CancelRequested:
                 self.log.transition_saga(self.saga_id, self.epoch, SagaStatus.COMPENSATING,
                                          error="cancelled by request")
                 return True
             if error is None:
+                if last:  # its record was the saga's success too
+                    return False
+                started = start is not None  # (a start that cancellation left out raised)
                 continue
             if after_pivot:
                 # Past the point of no return: retry later through a normal claim.
@@ -174,20 +182,40 @@ class SagaRunner:
         self.log.transition_saga(self.saga_id, self.epoch, SagaStatus.SUCCEEDED)
         return False
 
+    def _start_of(self, index: int) -> StepStart | None:
+        """The start of step ``index``, to record with its predecessor's success: only if it
+        has not run yet (a step found running or failed is dealt with on its own)."""
+        spec = self.definition.steps[index]
+        row = self.steps[spec.name]
+        if row.status != StepStatus.PENDING:
+            return None
+        return StepStart(spec.name, row.attempt + 1,
+                         unless_cancelled=index <= self.definition.pivot_index())
+
     def _run_step(self, spec: StepSpec, outputs: dict[str, dict[str, Any]], attempt: int,
-                  checkpoint: dict[str, Any] | None, *, unless_cancelled: bool) -> str | None:
-        """Run one step with retries; record the result. Returns the error text on failure."""
+                  checkpoint: dict[str, Any] | None, *, unless_cancelled: bool,
+                  started: bool = False, then: StepStart | None = None, last: bool = False,
+                  ) -> str | None:
+        """Run one step with retries; record the result. Returns the error text on failure.
+
+        ``started``: the step's first try was already started (its ``attempt`` recorded).
+        The success is recorded in one write with what follows it: ``then``, the next step's
+        start (if cancellation leaves that out, CancelRequested is raised once the success is
+        recorded), or with ``last`` the saga's success.
+        """
         policy = self.config.step_retry
         tries = 0
         while True:
-            attempt += 1
             tries += 1
-            self.log.update_step(
-                self.saga_id, self.epoch, spec.name, StepStatus.RUNNING, kind="step_started",
-                values={"attempt": attempt, "started_at": utcnow(), "error": None},
-                payload={"attempt": attempt}, unless_cancelled=unless_cancelled and tries == 1,
-            )
-            self._recorded(spec.name, status=StepStatus.RUNNING, attempt=attempt, error=None)
+            if not (started and tries == 1):
+                attempt += 1
+                self.log.update_step(
+                    self.saga_id, self.epoch, spec.name, StepStatus.RUNNING,
+                    kind="step_started", values=StepStart(spec.name, attempt).values(utcnow()),
+                    payload={"attempt": attempt},
+                    unless_cancelled=unless_cancelled and tries == 1,
+                )
+                self._recorded(spec.name, status=StepStatus.RUNNING, attempt=attempt, error=None)
             ctx = self._context(spec, attempt, outputs, checkpoint)
             try:
                 fault_point(spec.name)
@@ -215,14 +243,25 @@ class SagaRunner:
                 )
                 self._recorded(spec.name, status=StepStatus.FAILED, error=error)
                 return error
-            self.log.update_step(
-                self.saga_id, self.epoch, spec.name, StepStatus.SUCCEEDED, kind="step_succeeded",
-                values={"output": output, "finished_at": utcnow()},
-                payload={"attempt": attempt},
-            )
+            values = {"output": output, "finished_at": utcnow()}
+            next_started = False
+            if then is None and not last:
+                self.log.update_step(
+                    self.saga_id, self.epoch, spec.name, StepStatus.SUCCEEDED,
+                    kind="step_succeeded", values=values, payload={"attempt": attempt},
+                )
+            else:
+                next_started = self.log.advance(self.saga_id, self.epoch, spec.name,
+                                                values=values, payload={"attempt": attempt},
+                                                start=then)
+                if then is not None and next_started:
+                    self._recorded(then.step, status=StepStatus.RUNNING, attempt=then.attempt,
+                                   error=None)
             self._recorded(spec.name, status=StepStatus.SUCCEEDED, output=output)
             fault_point(f"{spec.name}.after_record")
             outputs[spec.name] = output
+            if then is not None and not next_started:
+                raise CancelRequested(f"saga {self.saga_id}: cancelled by request")
             return None
 
     def _run_compensation(self) -> None:

@@ -279,6 +279,127 @@ def pg_step_transition(target: StepStatus, columns: tuple[str, ...],
 
 
 @functools.cache
+def pg_step_advance(columns: tuple[str, ...], next_columns: tuple[str, ...],
+                    unless_cancelled: bool) -> Select[Any]:
+    """PostgreSQL: one step to ``succeeded`` and the next one to ``running``, with both events,
+    as one statement (see ``StepLog.advance``).
+
+    Parameters: those of ``pg_step_transition`` for the first step (``c_step``, ``v_<column>``,
+    ``e_kind``, ``e_payload``) and ``n_step``, ``n_v_<column>``, ``n_kind``, ``n_payload`` for
+    the next. All or nothing, except that with ``unless_cancelled`` a saga whose cancellation
+    was requested gets the first change only. Returns no row when the epoch is superseded, else
+    the saga's status and cancel flag and ``logged``: 2, 1 (the next step was not started) or 0
+    (a step was not in a source status: nothing written).
+    """
+    owned = (
+        select(SAGAS.c.id, SAGAS.c.status, SAGAS.c.cancel_requested)
+        .where(SAGAS.c.id == bindparam("f_id"), SAGAS.c.epoch == bindparam("f_epoch"))
+        .with_for_update()
+        .cte("owned")
+    )
+    next_step = bindparam("n_step", type_=String)
+    ready: Any = exists().where(STEPS.c.saga_id == owned.c.id, STEPS.c.step == next_step,
+                                _status_in(STEPS.c.status, sources_of(StepStatus.RUNNING)))
+    if unless_cancelled:  # a cancelled saga gets the first change whatever the next step's
+        ready = or_(ready, owned.c.cancel_requested.is_(True))
+    done = (
+        update(STEPS)
+        .where(STEPS.c.saga_id.in_(select(owned.c.id).where(ready)),
+               STEPS.c.step == bindparam("c_step"),
+               _status_in(STEPS.c.status, sources_of(StepStatus.SUCCEEDED)))
+        .values(status=StepStatus.SUCCEEDED.value,
+                **{name: bindparam(f"v_{name}") for name in columns})
+        .returning(STEPS.c.saga_id)
+        .cte("done")
+    )
+    started = update(STEPS).where(STEPS.c.saga_id.in_(select(done.c.saga_id)),
+                                  STEPS.c.step == next_step)
+    if unless_cancelled:
+        started = started.where(exists().where(owned.c.cancel_requested.is_(False)))
+    started_cte = (
+        started.values(status=StepStatus.RUNNING.value,
+                       **{name: bindparam(f"n_v_{name}") for name in next_columns})
+        .returning(STEPS.c.saga_id)
+        .cte("started")
+    )
+    both = select(func.count()).select_from(started_cte).scalar_subquery()
+    numbered = (
+        update(SAGAS)
+        .where(SAGAS.c.id.in_(select(done.c.saga_id)))
+        .values(event_seq=SAGAS.c.event_seq + 1 + both, updated_at=bindparam("f_now"))
+        .returning(SAGAS.c.id, SAGAS.c.event_seq)
+        .cte("numbered")
+    )
+    epoch, now = bindparam("f_epoch", type_=Integer), bindparam("f_now", type_=DateTime)
+    first = select(numbered.c.id, numbered.c.event_seq - both,
+                   bindparam("e_kind", type_=String), bindparam("c_step", type_=String), epoch,
+                   bindparam("e_payload", type_=JSONB), now)
+    second = select(numbered.c.id, numbered.c.event_seq, bindparam("n_kind", type_=String),
+                    next_step, epoch, bindparam("n_payload", type_=JSONB),
+                    now).where(exists(select(started_cte.c.saga_id)))
+    logged = (
+        insert(EVENTS)
+        .from_select(EVENT_COLUMNS, union_all(first, second))
+        .returning(EVENTS.c.seq)
+        .cte("logged")
+    )
+    return select(owned.c.status, owned.c.cancel_requested,
+                  select(func.count()).select_from(logged).scalar_subquery().label("logged"))
+
+
+@functools.cache
+def pg_step_finish(columns: tuple[str, ...]) -> Select[Any]:
+    """PostgreSQL: the last step to ``succeeded`` and its saga from ``running`` to
+    ``succeeded``, with both events, as one statement (see ``StepLog.advance``).
+
+    Parameters: those of ``pg_step_transition`` (``c_step``, ``v_<column>``, ``e_kind``,
+    ``e_payload``) and ``s_payload``, the saga event's. All or nothing. Returns no row when
+    the epoch is superseded, else the saga's status before and ``logged``: 2, or 0 (the step or
+    the saga was not in a source status: nothing written).
+    """
+    owned = (
+        select(SAGAS.c.id, SAGAS.c.status)
+        .where(SAGAS.c.id == bindparam("f_id"), SAGAS.c.epoch == bindparam("f_epoch"))
+        .with_for_update()
+        .cte("owned")
+    )
+    done = (
+        update(STEPS)
+        .where(STEPS.c.saga_id.in_(select(owned.c.id).where(
+                   _status_in(owned.c.status, saga_sources_of(SagaStatus.SUCCEEDED)))),
+               STEPS.c.step == bindparam("c_step"),
+               _status_in(STEPS.c.status, sources_of(StepStatus.SUCCEEDED)))
+        .values(status=StepStatus.SUCCEEDED.value,
+                **{name: bindparam(f"v_{name}") for name in columns})
+        .returning(STEPS.c.saga_id)
+        .cte("done")
+    )
+    now = bindparam("f_now", type_=DateTime)
+    finished = (
+        update(SAGAS)
+        .where(SAGAS.c.id.in_(select(done.c.saga_id)))
+        .values(status=SagaStatus.SUCCEEDED.value, event_seq=SAGAS.c.event_seq + 2,
+                updated_at=now, finished_at=now, lease_owner=None, lease_expires_at=None)
+        .returning(SAGAS.c.id, SAGAS.c.event_seq)
+        .cte("finished")
+    )
+    epoch = bindparam("f_epoch", type_=Integer)
+    step_event = select(finished.c.id, finished.c.event_seq - 1,
+                        bindparam("e_kind", type_=String), bindparam("c_step", type_=String),
+                        epoch, bindparam("e_payload", type_=JSONB), now)
+    saga_event = select(finished.c.id, finished.c.event_seq, literal("status", String),
+                        literal(None, String), epoch, bindparam("s_payload", type_=JSONB), now)
+    logged = (
+        insert(EVENTS)
+        .from_select(EVENT_COLUMNS, union_all(step_event, saga_event))
+        .returning(EVENTS.c.seq)
+        .cte("logged")
+    )
+    return select(owned.c.status,
+                  select(func.count()).select_from(logged).scalar_subquery().label("logged"))
+
+
+@functools.cache
 def saga_cas(target: SagaStatus, columns: tuple[str, ...]) -> Update:
     """``UPDATE sagas SET status = target, <columns> WHERE id AND epoch AND status = c_from``.
 

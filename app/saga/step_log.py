@@ -102,6 +102,29 @@ class NewSaga:
             raise ValueError(f"saga definition {self.definition!r} has no steps")
 
 
+@dataclass(frozen=True)
+class StepStart:
+    """A step to start (``step_started``) in the write that records the previous one's success
+    (``StepLog.advance``)."""
+
+    step: str
+    attempt: int
+    #: Leave it out if the saga's cancellation was requested (a step before the pivot).
+    unless_cancelled: bool = False
+
+    def values(self, now: datetime) -> dict[str, Any]:
+        """The step row's columns as a try starts."""
+        return {"attempt": self.attempt, "started_at": now, "error": None}
+
+    def event(self) -> dict[str, Any]:
+        """The payload of its ``step_started`` event."""
+        return {"to": StepStatus.RUNNING.value, "attempt": self.attempt}
+
+
+#: The payload of the event of a saga's success.
+_SAGA_SUCCEEDED_EVENT = {"from": SagaStatus.RUNNING.value, "to": SagaStatus.SUCCEEDED.value}
+
+
 class ActiveLimitReached(Exception):
     """The owner already has as many unfinished sagas as it may."""
 
@@ -388,6 +411,65 @@ class StepLog:
         return saga
 
     @_announces
+    def advance(
+        self,
+        saga_id: str,
+        epoch: int,
+        step: str,
+        *,
+        values: dict[str, Any],
+        payload: dict[str, Any],
+        start: StepStart | None,
+    ) -> bool:
+        """Record ``step`` as succeeded and, in the same transaction, what follows it: the
+        ``start`` of the next step, or (``None``: it was the last) the saga's success. The
+        transitions and events of ``update_step`` and ``transition_saga``, in one write.
+
+        All or nothing, except that a ``start`` with ``unless_cancelled`` in a saga whose
+        cancellation was requested is left out: then False is returned.
+        """
+        now = utcnow()
+        names = tuple(sorted(values))
+        event = {"to": StepStatus.SUCCEEDED.value, **payload}
+        params = {"f_id": saga_id, "f_epoch": epoch, "f_now": now, "c_step": step,
+                  **{f"v_{name}": values[name] for name in names}}
+        if self.db.is_postgres:
+            params.update(e_kind="step_succeeded", e_payload=event)
+            if start is None:
+                statement = sql.pg_step_finish(names)
+                params["s_payload"] = _SAGA_SUCCEEDED_EVENT
+            else:
+                next_values = start.values(now)
+                statement = sql.pg_step_advance(names, tuple(sorted(next_values)),
+                                                start.unless_cancelled)
+                params.update(n_step=start.step, n_kind="step_started", n_payload=start.event(),
+                              **{f"n_v_{name}": value for name, value in next_values.items()})
+            with self.db.autocommit() as conn:
+                row = run_on_driver(conn, statement, params).first()
+            if row is None:
+                raise LostOwnership(f"saga {saga_id}: epoch {epoch} is no longer the owner")
+            if not row.logged:
+                then = "saga -> succeeded" if start is None else f"{start.step} -> running"
+                raise InvalidTransition(f"compare-and-set failed: {saga_id}/{step} -> "
+                                        f"succeeded, {then} (saga {row.status})")
+            started = start is not None and row.logged == 2
+        else:
+            with self.db.writing() as conn:
+                seq, saga = _fence(conn, saga_id, epoch, now)
+                if start is None and saga.status != SagaStatus.RUNNING:
+                    raise InvalidTransition(f"saga {saga_id}: {saga.status} -> succeeded")
+                cas = run_on_driver(conn, sql.step_cas(StepStatus.SUCCEEDED, names),
+                                    {**params, "c_saga": saga_id})
+                if cas.rowcount != 1:
+                    raise InvalidTransition(f"compare-and-set failed: {saga_id}/{step} -> "
+                                            "succeeded")
+                _insert_event(conn, saga_id, seq, epoch, "step_succeeded", step, event, now)
+                started = _start_or_finish(conn, saga_id, epoch, saga, start, now)
+        if start is None:
+            fault_point(f"saga.{SagaStatus.SUCCEEDED.value}")
+        return started
+
+    @_announces
     def save_checkpoint(self, saga_id: str, epoch: int, step: str, data: dict[str, Any]) -> None:
         now = utcnow()
         with self.db.writing() as conn:
@@ -496,6 +578,33 @@ def _fence(conn: Connection, saga_id: str, epoch: int, now: datetime) -> tuple[i
     return row.event_seq, SagaState(SagaStatus(row.status), bool(row.cancel_requested))
 
 
+def _start_or_finish(conn: Connection, saga_id: str, epoch: int, saga: SagaState,
+                     start: StepStart | None, now: datetime) -> bool:
+    """SQLite, in ``StepLog.advance``'s transaction: start the next step (True) or finish the
+    saga. A failed compare-and-set raises, which rolls the whole transaction back."""
+    if start is None:
+        values = {"updated_at": now, "finished_at": now, "lease_owner": None,
+                  "lease_expires_at": None}
+        names = tuple(sorted(values))
+        cas = run_on_driver(conn, sql.saga_cas(SagaStatus.SUCCEEDED, names), {
+            "f_id": saga_id, "f_epoch": epoch, "c_from": SagaStatus.RUNNING.value,
+            **{f"v_{name}": values[name] for name in names}})
+        if cas.rowcount != 1:
+            raise LostOwnership(f"compare-and-set failed: {saga_id}")
+        _append_event(conn, saga_id, epoch, "status", None, _SAGA_SUCCEEDED_EVENT, now)
+        return False
+    if start.unless_cancelled and saga.cancel_requested:
+        return False
+    values = start.values(now)
+    cas = run_on_driver(conn, sql.step_cas(StepStatus.RUNNING, tuple(sorted(values))),
+                        {"c_saga": saga_id, "c_step": start.step,
+                         **{f"v_{name}": value for name, value in values.items()}})
+    if cas.rowcount != 1:
+        raise InvalidTransition(f"compare-and-set failed: {saga_id}/{start.step} -> running")
+    _append_event(conn, saga_id, epoch, "step_started", start.step, start.event(), now)
+    return True
+
+
 def _step_records(conn: Connection, saga_id: str) -> list[StepRecord]:
     return [
         StepRecord(r.step, StepStatus(r.status), r.attempt, r.output, r.checkpoint, r.error,
@@ -507,7 +616,10 @@ def _step_records(conn: Connection, saga_id: str) -> list[StepRecord]:
 def _append_event(conn: Session | Connection, saga_id: str, epoch: int, kind: str,
                   step: str | None, payload: dict[str, Any], now: datetime) -> None:
     """Number and insert an event; the caller already holds the saga row's lock."""
-    seq = conn.execute(sql.NEXT_SEQ, {"f_id": saga_id}).scalar_one()
+    if isinstance(conn, Connection):
+        seq = run_on_driver(conn, sql.NEXT_SEQ, {"f_id": saga_id}).rows[0][0]
+    else:
+        seq = conn.execute(sql.NEXT_SEQ, {"f_id": saga_id}).scalar_one()
     _insert_event(conn, saga_id, seq, epoch, kind, step, payload, now)
 
 

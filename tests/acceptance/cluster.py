@@ -24,6 +24,8 @@ from typing import IO, Any
 
 from sqlalchemy import select
 
+from app.lakehouse.ingestion import LakehouseIngestionSaga
+
 #: In-process invariant checks attach their own DuckDB lake: one at a time in this process.
 _CHECK_LOCK = threading.Lock()
 TERMINAL = frozenset({"succeeded", "compensated", "failed"})
@@ -393,6 +395,12 @@ class CaseResult:
         return not self.new_violations and not self.problems
 
 
+#: Points reached once the saga is finished: the dying worker leaves nothing to recover. The
+#: last step's success is recorded in the same write as the saga's (``StepLog.advance``).
+FINISHED_POINTS = ("saga.succeeded", "saga.compensated",
+                   f"{LakehouseIngestionSaga.steps[-1].name}.after_record")
+
+
 def crash_case(cluster: Cluster, group: str, point: str, day: date, *,
                known: set[str] | None = None, reach_timeout_s: float = 60,
                quiesce_timeout_s: float = 90) -> CaseResult:
@@ -422,8 +430,7 @@ def crash_case(cluster: Cluster, group: str, point: str, day: date, *,
         recovering.stop()
     return finish_case(cluster, point, saga_id, expected, started, known,
                        logs=[dying, recovering],
-                       require_reclaim=group != "delivery"
-                       and point not in ("saga.succeeded", "saga.compensated"))
+                       require_reclaim=group != "delivery" and point not in FINISHED_POINTS)
 
 
 def finish_case(cluster: Cluster, point: str, saga_id: str, expected: str, started: float,

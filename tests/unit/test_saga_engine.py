@@ -34,7 +34,7 @@ from app.saga.errors import (
 from app.saga.executor import Executor, ExecutorConfig
 from app.saga.retry import RetryPolicy
 from app.saga.states import ALLOWED_SAGA_TRANSITIONS, SagaStatus, StepStatus
-from app.saga.step_log import NewSaga, StepLog, utcnow
+from app.saga.step_log import NewSaga, StepLog, StepStart, utcnow
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -981,6 +981,107 @@ def test_event_numbering__concurrent_writers_of_one_saga_stay_contiguous(
         thread.join(timeout=45)
     assert errors == []
     assert events_numbered(step_log, saga_id) == 2 + 40 + 40 + 1
+
+
+def started_a(step_log: StepLog) -> tuple[str, int]:
+    """A claimed saga whose step ``a`` is running."""
+    saga_id = create(step_log)
+    claim = step_log.claim_next("w", lease_ttl_s=30)
+    assert claim is not None
+    step_log.update_step(saga_id, claim.epoch, "a", StepStatus.RUNNING, kind="step_started",
+                         values={"attempt": 1})
+    return saga_id, claim.epoch
+
+
+def test_advance__records_a_success_and_the_next_start_in_one_write(step_log: StepLog) -> None:
+    saga_id, epoch = started_a(step_log)
+    numbered = events_numbered(step_log, saga_id)
+
+    started = step_log.advance(saga_id, epoch, "a", values={"output": {"n": 1}},
+                               payload={"attempt": 1},
+                               start=StepStart("b", 1, unless_cancelled=True))
+
+    assert started is True
+    rows = {row.step: row for row in step_log.steps(saga_id)}
+    assert (rows["a"].status, rows["a"].output) == ("succeeded", {"n": 1})
+    assert (rows["b"].status, rows["b"].attempt) == ("running", 1)
+    assert rows["b"].started_at is not None
+    events = step_log.events(saga_id)[numbered:]
+    assert [(e.seq, e.kind, e.step, e.epoch) for e in events] == [
+        (numbered + 1, "step_succeeded", "a", epoch), (numbered + 2, "step_started", "b", epoch)]
+    assert events[1].payload == {"to": "running", "attempt": 1}
+    assert events_numbered(step_log, saga_id) == numbered + 2
+
+
+def test_advance__a_cancelled_saga_gets_the_success_only(step_log: StepLog) -> None:
+    saga_id, epoch = started_a(step_log)
+    step_log.request_cancel(saga_id)
+    numbered = events_numbered(step_log, saga_id)
+
+    assert step_log.advance(saga_id, epoch, "a", values={"output": {}}, payload={},
+                            start=StepStart("b", 1, unless_cancelled=True)) is False
+
+    assert step_statuses(step_log, saga_id) == {"a": "succeeded", "b": "pending",
+                                                "c": "pending", "d": "pending"}
+    assert [e.kind for e in step_log.events(saga_id)[numbered:]] == ["step_succeeded"]
+    assert events_numbered(step_log, saga_id) == numbered + 1
+
+
+def test_advance__refused_or_superseded_writes_nothing(step_log: StepLog) -> None:
+    saga_id, epoch = started_a(step_log)
+    set_step = "UPDATE saga_steps SET status = 'skipped' WHERE saga_id = :s AND step = 'b'"
+    with step_log.db.transaction() as s:  # b can no longer start
+        s.execute(text(set_step), {"s": saga_id})
+    numbered = events_numbered(step_log, saga_id)
+
+    with pytest.raises(InvalidTransition):
+        step_log.advance(saga_id, epoch, "a", values={"output": {}}, payload={},
+                         start=StepStart("b", 1))
+    with pytest.raises(InvalidTransition):  # a is not running: no success, no saga success
+        step_log.advance(saga_id, epoch, "c", values={"output": {}}, payload={}, start=None)
+    with pytest.raises(LostOwnership):
+        step_log.advance(saga_id, epoch + 1, "a", values={"output": {}}, payload={},
+                         start=None)
+
+    assert step_statuses(step_log, saga_id)["a"] == "running"
+    assert saga(step_log, saga_id).status == "running"
+    assert events_numbered(step_log, saga_id) == numbered
+
+
+def test_advance__the_last_success_finishes_the_saga_with_it(step_log: StepLog) -> None:
+    saga_id, epoch = started_a(step_log)
+    numbered = events_numbered(step_log, saga_id)
+    set_saga(step_log.db, saga_id, status=SagaStatus.COMPENSATING.value)
+    with pytest.raises(InvalidTransition):  # only a running saga succeeds
+        step_log.advance(saga_id, epoch, "a", values={"output": {}}, payload={}, start=None)
+    assert step_statuses(step_log, saga_id)["a"] == "running"
+    set_saga(step_log.db, saga_id, status=SagaStatus.RUNNING.value)
+
+    assert step_log.advance(saga_id, epoch, "a", values={"output": {}}, payload={"attempt": 1},
+                            start=None) is False
+
+    row = saga(step_log, saga_id)
+    assert row.status == "succeeded" and row.finished_at is not None
+    assert row.lease_owner is None and row.lease_expires_at is None
+    events = step_log.events(saga_id)[numbered:]
+    assert [(e.kind, e.step) for e in events] == [("step_succeeded", "a"), ("status", None)]
+    assert events[1].payload == {"from": "running", "to": "succeeded"}
+    assert events_numbered(step_log, saga_id) == numbered + 2
+
+
+def test_advance__a_forward_run_takes_one_write_per_step_and_one_more(
+    step_log: StepLog, script: Script
+) -> None:
+    """Claim, a's start, then each success with what follows it: 6 writes for 4 steps."""
+    saga_id = create(step_log)
+    writes: list[str] = []
+    step_log.on_change = lambda changed: writes.append(changed)
+    assert make_executor(step_log, script).run_once()
+    assert saga(step_log, saga_id).status == "succeeded"
+    assert len(writes) == 6
+    kinds = [e.kind for e in step_log.events(saga_id)]
+    assert kinds == ["created", "claimed"] + ["step_started", "step_succeeded"] * 4 + ["status"]
+    assert [row.attempt for row in step_log.steps(saga_id)] == [1, 1, 1, 1]
 
 
 def test_cancel__requested_after_a_step_is_seen_as_the_next_one_starts(
