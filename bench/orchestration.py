@@ -485,6 +485,13 @@ def main() -> None:
                 report(bench_sagaz(variant, n, a))
         if "dbos" in peers:
             report(bench_dbos(n, a))
+    if 1 in procs and a.concurrency != 1:
+        # One saga in flight: no thread or task interleaving, each engine's own cost per saga.
+        one = argparse.Namespace(**{**vars(a), "concurrency": 1})
+        if "sqlite" in a.backends.split(","):
+            report(bench_lakesaga("sqlite", 1, one))
+        if "sagaz" in peers:
+            report(bench_sagaz("as shipped", 1, one))
     profiles = {}
     if a.profile:
         for backend in a.backends.split(","):
