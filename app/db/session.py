@@ -6,13 +6,15 @@ read-to-write upgrade; read-only connections (:meth:`Database.reading`) use a pl
 Within a process, writers also take turns on a lock first: SQLite's busy handler makes a
 waiting writer sleep in growing steps (up to 100 ms) however soon the lock frees, which put
 a POST's p99 at hundreds of milliseconds under load; a thread waiting on the process lock is
-woken the moment it is released. Writers in other processes still meet the busy handler.
+woken the moment it is released, and all of them write on one connection (see
+``Database._sqlite_writer``). Writers in other processes still meet the busy handler.
 PostgreSQL uses psycopg 3; a pooled connection whose server has hung up (a restart, an
 idle-in-transaction timeout) is replaced at checkout without a round trip.
 """
 
 from __future__ import annotations
 
+import contextlib
 import select
 import sqlite3
 import threading
@@ -212,49 +214,65 @@ class Database:
                                           expire_on_commit=False)
         self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         self._pins = threading.local()
-        #: SQLite: this process's write transactions take turns (see the module docstring).
+        #: SQLite: this process's write transactions take turns (see the module docstring) on
+        #: one connection (``_sqlite_writer``).
         self._writer: threading.RLock | None = (
             None if self.engine.dialect.name == "postgresql" else threading.RLock())
+        self._writer_connection: Connection | None = None
 
     @property
     def is_postgres(self) -> bool:
         return self.engine.dialect.name == "postgresql"
 
     @contextmanager
-    def write_turn(self) -> Iterator[None]:
-        """SQLite: hold this process's writer lock for a write transaction (re-entrant);
-        PostgreSQL: nothing (its row locks and MVCC let writers overlap)."""
-        if self._writer is None:
-            yield
-            return
-        with self._writer:
-            yield
+    def _sqlite_writer(self) -> Iterator[Connection]:
+        """SQLite: this process's writer connection, held with its writer lock.
 
-    # Lock order, SQLite: a pooled connection first, then the writer lock, then BEGIN
-    # IMMEDIATE. A pinned writer already holds its connection when it asks for the lock, so a
-    # writer that took the lock first and then waited for the pool could wait on them all.
+        Every write transaction of the process runs on this one connection, one at a time (the
+        database admits one writer anyway). A write needs no pool checkout, and the connection's
+        page cache stays warm: SQLite drops a connection's whole cache whenever another
+        connection has written since its last transaction, so writers taking turns on pooled
+        connections re-read their pages every time. A connection left unusable (invalidated, or
+        still in a transaction after an error) is replaced by the next writer. Lock order:
+        the lock, then the connection; no writer holds a pooled connection while it waits for
+        the lock.
+        """
+        assert self._writer is not None
+        with self._writer:
+            connection = self._writer_connection
+            if connection is None:
+                connection = self._writer_connection = self.engine.connect()
+            if connection.in_transaction():  # only a nested write could see this
+                raise RuntimeError("a write transaction is already open in this thread")
+            try:
+                yield connection
+            finally:
+                if connection.closed or connection.invalidated or connection.in_transaction():
+                    self._writer_connection = None
+                    with contextlib.suppress(Exception):
+                        connection.close()
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
         """A session whose work commits on success and rolls back on any error."""
-        with (self.engine.connect() as connection, self.write_turn(),
-              self.sessions(bind=connection) as session, session.begin()):
+        if self._writer is None:
+            with (self.engine.connect() as connection,
+                  self.sessions(bind=connection) as session, session.begin()):
+                yield session
+            return
+        with (self._sqlite_writer() as connection, self.sessions(bind=connection) as session,
+              session.begin()):
             yield session
 
     @contextmanager
     def writing(self) -> Iterator[Connection]:
         """A Core connection in a write transaction: commits on success, rolls back on error."""
-        pinned = None if self.is_postgres else self._pinned()
-        if pinned is None:
-            with self.engine.connect() as connection, self.write_turn(), connection.begin():
+        if self._writer is None:
+            with self.engine.connect() as connection, connection.begin():
                 yield connection
             return
-        try:
-            with self.write_turn(), pinned.begin():
-                yield pinned
-        except BaseException:
-            self._unpin()
-            raise
+        with self._sqlite_writer() as connection, connection.begin():
+            yield connection
 
     @contextmanager
     def autocommit(self) -> Iterator[Connection]:
@@ -286,10 +304,11 @@ class Database:
 
     @contextmanager
     def pinned(self) -> Iterator[None]:
-        """Within the block, the calling thread's saga-log writes (``autocommit`` on
-        PostgreSQL, ``writing`` on SQLite) share one pooled connection instead of checking one
-        out each time. Between writes it holds no transaction, so it blocks nobody; one that
-        the server has closed, or that failed, is replaced."""
+        """Within the block, the calling thread's saga-log writes on PostgreSQL
+        (``autocommit``) share one pooled connection instead of checking one out each time.
+        Between writes it holds no transaction, so it blocks nobody; one that the server has
+        closed, or that failed, is replaced. (On SQLite every write already runs on the
+        process's writer connection.)"""
         if getattr(self._pins, "active", False):
             yield
             return
@@ -304,13 +323,12 @@ class Database:
         if not getattr(self._pins, "active", False):
             return None
         connection: Connection | None = self._pins.connection
-        if (connection is not None and self.is_postgres
-                and _hung_up(connection.connection.dbapi_connection)):
+        if connection is not None and _hung_up(connection.connection.dbapi_connection):
             connection.invalidate()
             self._unpin()
             connection = None
         if connection is None:
-            connection = (self._autocommit if self.is_postgres else self.engine).connect()
+            connection = self._autocommit.connect()
             self._pins.connection = connection
         return connection
 
@@ -321,4 +339,9 @@ class Database:
             connection.close()
 
     def dispose(self) -> None:
+        if self._writer is not None:
+            with self._writer:
+                connection, self._writer_connection = self._writer_connection, None
+                if connection is not None:
+                    connection.close()
         self.engine.dispose()
