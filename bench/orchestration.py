@@ -10,8 +10,8 @@ would otherwise pick, in the same run: sagaz (declarative saga, its SQLite stora
 lakesaga: N pending sagas are created first (timed: the creation rate), then W worker processes
 with C threads each call ``Executor.run_once`` until nothing is claimable; sagas/s = N / (last
 ``finished_at`` - go). Every StepLog call is timed in the workers (a StepLog subclass), so the
-per-transition latency is that of one persisted write (claim, step started, a step's success
-with the next step's start or the saga's success), each its own transaction. sagaz and dbos:
+per-transition latency is that of one persisted write (the claim with the first step's start,
+a step's success with the next step's start or the saga's success), each its own transaction. sagaz and dbos:
 each of W processes runs N/W sagas (C in flight: asyncio tasks for sagaz, threads for dbos);
 sagas/s = N / (last end - go).
 """

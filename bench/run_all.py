@@ -204,8 +204,8 @@ def render(quick: bool) -> str:
     if orch:
         out += ["## Orchestration overhead", "",
                 "A 5-step saga whose steps do nothing. *transition* = one persisted transition: "
-                "for lakesaga one StepLog write (the claim, the first step's start, a step's "
-                "success with the next step's start or, after the last, the saga's success; "
+                "for lakesaga one StepLog write (the claim with the first step's start, a "
+                "step's success with the next step's start or, after the last, the saga's success; "
                 "each its own transaction with its event rows), for sagaz one "
                 "`save_saga_state`, for dbos one step call (its output recorded). *saga* = one "
                 "saga's time in the worker. lakesaga sagas are created beforehand (creation "

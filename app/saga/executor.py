@@ -142,7 +142,8 @@ class SagaRunner:
         outputs: dict[str, dict[str, Any]] = {}
         steps = self.definition.steps
         pivot_index = self.definition.pivot_index()
-        started = False  # the step at hand was started by the previous step's record
+        # The step started by the last write (the claim's, or the previous step's record).
+        started_step = self.claim.started
         for index, spec in enumerate(steps):
             row = self.steps[spec.name]
             if row.status == StepStatus.SUCCEEDED:
@@ -160,8 +161,8 @@ class SagaRunner:
                 # Cancellation is checked under the saga's lock as the step starts; past the
                 # pivot it is ignored.
                 error = self._run_step(spec, outputs, row.attempt, row.checkpoint,
-                                       unless_cancelled=not after_pivot, started=started,
-                                       then=start, last=last)
+                                       unless_cancelled=not after_pivot,
+                                       started=started_step == spec.name, then=start, last=last)
             except CancelRequested:
                 self.log.transition_saga(self.saga_id, self.epoch, SagaStatus.COMPENSATING,
                                          error="cancelled by request")
@@ -169,7 +170,8 @@ class SagaRunner:
             if error is None:
                 if last:  # its record was the saga's success too
                     return False
-                started = start is not None  # (a start that cancellation left out raised)
+                # (a start that cancellation left out raised CancelRequested)
+                started_step = start.step if start is not None else None
                 continue
             if after_pivot:
                 # Past the point of no return: retry later through a normal claim.

@@ -169,27 +169,43 @@ CLAIM = (
 
 
 def _pg_claim() -> Select[Any]:
-    """PostgreSQL: the claim, its ``claimed`` event and the saga's steps in one statement.
+    """PostgreSQL: the claim, its ``claimed`` event and the saga's steps in one statement; on
+    a saga's first claim, unless its cancellation was requested, also the start of its first
+    step (``step_started``), as ``StepLog.claim_next`` describes.
 
-    One row, the steps as a JSON array of ``STEP_RECORD_COLUMNS``; none when nothing is
-    claimable.
+    One row, the steps as a JSON array of ``STEP_RECORD_COLUMNS`` as they were before the
+    statement, and ``started`` (the first step was started); none when nothing is claimable.
     """
     candidate = _oldest(
         PENDING.with_for_update(skip_locked=True, of=SAGAS).cte("pending"),
         ABANDONED.with_for_update(skip_locked=True, of=SAGAS).cte("abandoned"),
     ).cte("candidate")
-    new_status = case((candidate.c.status == _status(SagaStatus.PENDING.value),
-                       _status(SagaStatus.RUNNING.value)), else_=candidate.c.status)
+    was_pending = candidate.c.status == _status(SagaStatus.PENDING.value)
+    new_status = case((was_pending, _status(SagaStatus.RUNNING.value)), else_=candidate.c.status)
+    # A first claim (the candidate's own columns: RETURNING would see the new attempts).
+    starts = and_(was_pending, candidate.c.attempts == 0, SAGAS.c.cancel_requested.is_(False))
     claimed = (
         update(SAGAS)
         .where(SAGAS.c.id == candidate.c.id)
         .values(status=new_status, epoch=SAGAS.c.epoch + 1, attempts=SAGAS.c.attempts + 1,
-                event_seq=SAGAS.c.event_seq + 1, lease_owner=bindparam("c_owner"),
-                lease_expires_at=bindparam("c_until"), not_before=None,
-                updated_at=bindparam("c_now"))
+                event_seq=SAGAS.c.event_seq + 1 + case((starts, 1), else_=0),
+                lease_owner=bindparam("c_owner"), lease_expires_at=bindparam("c_until"),
+                not_before=None, updated_at=bindparam("c_now"))
         .returning(SAGAS.c.id, SAGAS.c.epoch, SAGAS.c.status, SAGAS.c.attempts,
-                   candidate.c.status.label("previous"), *CLAIMED_COLUMNS)
+                   candidate.c.status.label("previous"), starts.label("started"),
+                   *CLAIMED_COLUMNS)
         .cte("claimed")
+    )
+    now = bindparam("c_now", type_=DateTime)
+    first = (
+        update(STEPS)
+        .where(STEPS.c.saga_id == claimed.c.id, claimed.c.started.is_(True),
+               STEPS.c.position == 0,
+               _status_in(STEPS.c.status, [StepStatus.PENDING.value]))
+        .values(status=StepStatus.RUNNING.value, attempt=STEPS.c.attempt + 1, started_at=now,
+                error=None)
+        .returning(STEPS.c.saga_id, STEPS.c.step, STEPS.c.attempt)
+        .cte("first_started")
     )
     payload = func.jsonb_build_object(
         literal("owner", String), bindparam("c_owner", type_=String),
@@ -200,19 +216,24 @@ def _pg_claim() -> Select[Any]:
                                  literal("to", String), claimed.c.status, type_=JSONB)),
         else_=literal({}, JSONB),
     ))
-    logged = insert(EVENTS).from_select(
-        EVENT_COLUMNS,
-        select(claimed.c.id, claimed.c.event_seq, literal("claimed", String),
-               literal(None, String), claimed.c.epoch, payload,
-               bindparam("c_now", type_=DateTime)),
-    ).cte("logged")
+    started_payload = func.jsonb_build_object(
+        literal("to", String), literal(StepStatus.RUNNING.value, String),
+        literal("attempt", String), first.c.attempt, type_=JSONB)
+    logged = insert(EVENTS).from_select(EVENT_COLUMNS, union_all(
+        select(claimed.c.id, claimed.c.event_seq - case((claimed.c.started, 1), else_=0),
+               literal("claimed", String), literal(None, String), claimed.c.epoch, payload,
+               now),
+        select(claimed.c.id, claimed.c.event_seq, literal("step_started", String),
+               first.c.step, claimed.c.epoch, started_payload, now)
+        .where(first.c.saga_id == claimed.c.id),
+    )).cte("logged")
     steps = (
         select(func.jsonb_agg(aggregate_order_by(
             func.jsonb_build_array(*STEP_RECORD_COLUMNS), STEPS.c.position), type_=JSONB))
         .where(STEPS.c.saga_id == claimed.c.id)
         .scalar_subquery()
     )
-    return select(claimed, steps.label("steps")).add_cte(logged)
+    return select(claimed, steps.label("steps")).add_cte(first).add_cte(logged)
 
 
 PG_CLAIM = _pg_claim()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
@@ -73,6 +73,9 @@ class Claim:
     manifest: dict[str, Any]
     cancel_requested: bool
     steps: tuple[StepRecord, ...]
+    #: The step this claim started (``step_started`` in the claim's own write): the first
+    #: step, on a saga's first claim, unless its cancellation was requested.
+    started: str | None = None
 
 
 @dataclass(frozen=True)
@@ -248,7 +251,10 @@ class StepLog:
         """Claim one runnable saga: pending, or active with an expired lease (crash recovery).
 
         The oldest non-terminal saga of a partition goes first; the others wait behind it.
-        The claim also reads the saga and its steps, so running it needs no other read.
+        The claim also reads the saga and its steps, so running it needs no other read. On a
+        saga's first claim (pending, never claimed), unless its cancellation was requested, its
+        first step is started in the same write (``Claim.started``): what its runner would
+        write next (a first claim never turns the saga back: ``max_saga_attempts`` >= 1).
         """
         now = utcnow()
         params = {"c_now": now, "c_owner": owner,
@@ -278,20 +284,31 @@ class StepLog:
             _insert_event(conn, saga_id, claimed.event_seq, epoch + 1, "claimed", None, payload,
                           params["c_now"])
             steps = _step_records(conn, saga_id)
+            started = None
+            if (status == SagaStatus.PENDING and attempts == 0 and not claimed.cancel_requested
+                    and steps):
+                start = StepStart(steps[0].step, steps[0].attempt + 1)
+                _start_step(conn, saga_id, epoch + 1, start, params["c_now"])
+                steps[0] = _started(steps[0])
+                started = start.step
         return Claim(saga_id, epoch + 1, new_status, attempts + 1, claimed.definition,
                      claimed.dataset, claimed.partition_date, claimed.request, claimed.manifest,
-                     bool(claimed.cancel_requested), tuple(steps))
+                     bool(claimed.cancel_requested), tuple(steps), started)
 
     def _claim_pg(self, params: dict[str, Any]) -> Claim | None:
         with self.db.autocommit() as conn:
             row = run_on_driver(conn, sql.PG_CLAIM, params).first()
         if row is None:
             return None
-        steps = tuple(StepRecord(step, StepStatus(status), *rest)
-                      for step, status, *rest in row.steps or ())
+        steps = [StepRecord(step, StepStatus(status), *rest)
+                 for step, status, *rest in row.steps or ()]
+        started = None
+        if row.started and steps:  # the steps are as they were before the statement
+            steps[0] = _started(steps[0])
+            started = steps[0].step
         return Claim(row.id, row.epoch, SagaStatus(row.status), row.attempts, row.definition,
                      row.dataset, row.partition_date, row.request, row.manifest,
-                     bool(row.cancel_requested), steps)
+                     bool(row.cancel_requested), tuple(steps), started)
 
     def renew_lease(self, saga_id: str, epoch: int, owner: str, lease_ttl_s: float) -> bool:
         until = utcnow() + timedelta(seconds=lease_ttl_s)
@@ -595,6 +612,14 @@ def _start_or_finish(conn: Connection, saga_id: str, epoch: int, saga: SagaState
         return False
     if start.unless_cancelled and saga.cancel_requested:
         return False
+    _start_step(conn, saga_id, epoch, start, now)
+    return True
+
+
+def _start_step(conn: Connection, saga_id: str, epoch: int, start: StepStart,
+                now: datetime) -> None:
+    """SQLite, in a transaction that holds the saga row: the ``step_started`` transition and
+    its event (a failed compare-and-set raises, rolling the transaction back)."""
     values = start.values(now)
     cas = run_on_driver(conn, sql.step_cas(StepStatus.RUNNING, tuple(sorted(values))),
                         {"c_saga": saga_id, "c_step": start.step,
@@ -602,7 +627,11 @@ def _start_or_finish(conn: Connection, saga_id: str, epoch: int, saga: SagaState
     if cas.rowcount != 1:
         raise InvalidTransition(f"compare-and-set failed: {saga_id}/{start.step} -> running")
     _append_event(conn, saga_id, epoch, "step_started", start.step, start.event(), now)
-    return True
+
+
+def _started(record: StepRecord) -> StepRecord:
+    """The step record once its next try has started."""
+    return replace(record, status=StepStatus.RUNNING, attempt=record.attempt + 1, error=None)
 
 
 def _step_records(conn: Connection, saga_id: str) -> list[StepRecord]:

@@ -495,8 +495,15 @@ def test_fencing__writes_with_a_superseded_epoch_raise_lost_ownership(
         step_log.ensure_owner(saga_id, old.epoch)
     with pytest.raises(LostOwnership):
         step_log.skip_pending_steps(saga_id, old.epoch, ["d"])
+    with pytest.raises(LostOwnership):
+        step_log.advance(saga_id, old.epoch, "a", values={"output": {}}, payload={},
+                         start=StepStart("b", 1))
 
-    assert step_statuses(step_log, saga_id) == dict.fromkeys("abcd", "pending")
+    # The first claim started a; the second (a takeover) starts nothing itself.
+    assert (old.started, new.started) == ("a", None)
+    assert step_statuses(step_log, saga_id) == {"a": "running", "b": "pending", "c": "pending",
+                                                "d": "pending"}
+    assert [row.attempt for row in step_log.steps(saga_id)] == [1, 0, 0, 0]
     assert saga(step_log, saga_id).status == SagaStatus.RUNNING
     step_log.save_checkpoint(saga_id, new.epoch, "a", {"snapshot": 2})
     step_log.transition_saga(saga_id, new.epoch, SagaStatus.COMPENSATING, error="fresh")
@@ -931,18 +938,18 @@ def test_event_numbering__a_refused_transition_writes_nothing(step_log: StepLog)
     claim = step_log.claim_next("w", lease_ttl_s=30)
     assert claim is not None
     before = events_numbered(step_log, saga_id)
-    with pytest.raises(InvalidTransition):
-        step_log.update_step(saga_id, claim.epoch, "a", StepStatus.SUCCEEDED,
+    with pytest.raises(InvalidTransition):  # b has not started
+        step_log.update_step(saga_id, claim.epoch, "b", StepStatus.SUCCEEDED,
                              kind="step_succeeded", values={"output": {}})
     with pytest.raises(InvalidTransition):
         step_log.transition_saga(saga_id, claim.epoch, SagaStatus.COMPENSATED)
     with pytest.raises(LostOwnership):
-        step_log.update_step(saga_id, claim.epoch + 1, "a", StepStatus.RUNNING,
+        step_log.update_step(saga_id, claim.epoch + 1, "b", StepStatus.RUNNING,
                              kind="step_started", values={"attempt": 1})
     assert events_numbered(step_log, saga_id) == before
-    assert step_statuses(step_log, saga_id)["a"] == "pending"
+    assert step_statuses(step_log, saga_id)["b"] == "pending"
 
-    step_log.update_step(saga_id, claim.epoch, "a", StepStatus.RUNNING, kind="step_started",
+    step_log.update_step(saga_id, claim.epoch, "b", StepStatus.RUNNING, kind="step_started",
                          values={"attempt": 1})
     assert events_numbered(step_log, saga_id) == before + 1
 
@@ -980,17 +987,45 @@ def test_event_numbering__concurrent_writers_of_one_saga_stay_contiguous(
     for thread in threads:
         thread.join(timeout=45)
     assert errors == []
-    assert events_numbered(step_log, saga_id) == 2 + 40 + 40 + 1
+    # created, claimed and a's start by the claim; then 40 starts, 40 notes and the cancel
+    assert events_numbered(step_log, saga_id) == 3 + 40 + 40 + 1
 
 
 def started_a(step_log: StepLog) -> tuple[str, int]:
-    """A claimed saga whose step ``a`` is running."""
+    """A claimed saga whose step ``a`` is running (the first claim started it)."""
     saga_id = create(step_log)
     claim = step_log.claim_next("w", lease_ttl_s=30)
-    assert claim is not None
-    step_log.update_step(saga_id, claim.epoch, "a", StepStatus.RUNNING, kind="step_started",
-                         values={"attempt": 1})
+    assert claim is not None and claim.started == "a"
     return saga_id, claim.epoch
+
+
+def test_claim__a_first_claim_starts_the_first_step_in_its_write(step_log: StepLog) -> None:
+    saga_id = create(step_log)
+    claim = step_log.claim_next("w", lease_ttl_s=30)
+
+    assert claim is not None and claim.started == "a"
+    assert [(r.step, r.status, r.attempt) for r in claim.steps] == [
+        ("a", "running", 1), ("b", "pending", 0), ("c", "pending", 0), ("d", "pending", 0)]
+    rows = step_log.steps(saga_id)
+    assert [(r.step, r.status, r.attempt) for r in rows] == [
+        (r.step, r.status, r.attempt) for r in claim.steps]
+    assert rows[0].started_at is not None
+    events = step_log.events(saga_id)
+    assert [(e.kind, e.step, e.epoch) for e in events] == [
+        ("created", None, 0), ("claimed", None, 1), ("step_started", "a", 1)]
+    assert events[2].payload == {"to": "running", "attempt": 1}
+    assert events_numbered(step_log, saga_id) == 3
+
+
+def test_claim__a_cancelled_saga_is_claimed_without_a_start(step_log: StepLog) -> None:
+    saga_id = create(step_log)
+    step_log.request_cancel(saga_id)
+    claim = step_log.claim_next("w", lease_ttl_s=30)
+
+    assert claim is not None and claim.started is None and claim.cancel_requested
+    assert step_statuses(step_log, saga_id) == dict.fromkeys("abcd", "pending")
+    assert [e.kind for e in step_log.events(saga_id)] == ["created", "cancel_requested",
+                                                          "claimed"]
 
 
 def test_advance__records_a_success_and_the_next_start_in_one_write(step_log: StepLog) -> None:
@@ -1072,13 +1107,14 @@ def test_advance__the_last_success_finishes_the_saga_with_it(step_log: StepLog) 
 def test_advance__a_forward_run_takes_one_write_per_step_and_one_more(
     step_log: StepLog, script: Script
 ) -> None:
-    """Claim, a's start, then each success with what follows it: 6 writes for 4 steps."""
+    """The claim with a's start, then each success with what follows it: 5 writes for 4
+    steps."""
     saga_id = create(step_log)
     writes: list[str] = []
     step_log.on_change = lambda changed: writes.append(changed)
     assert make_executor(step_log, script).run_once()
     assert saga(step_log, saga_id).status == "succeeded"
-    assert len(writes) == 6
+    assert len(writes) == 5
     kinds = [e.kind for e in step_log.events(saga_id)]
     assert kinds == ["created", "claimed"] + ["step_started", "step_succeeded"] * 4 + ["status"]
     assert [row.attempt for row in step_log.steps(saga_id)] == [1, 1, 1, 1]
@@ -1271,8 +1307,8 @@ def test_migration__event_seq_is_backfilled_from_the_events(tmp_path: Path) -> N
     try:
         step_log = StepLog(db)
         assert saga(step_log, "s1").event_seq == 3
-        assert step_log.claim_next("w", lease_ttl_s=30) is not None
-        assert [e.seq for e in step_log.events("s1")] == [1, 2, 3, 4]
+        assert step_log.claim_next("w", lease_ttl_s=30) is not None  # claimed, a started
+        assert [e.seq for e in step_log.events("s1")] == [1, 2, 3, 4, 5]
     finally:
         db.dispose()
 
