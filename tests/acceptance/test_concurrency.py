@@ -273,7 +273,10 @@ def test_concurrency__two_processes_racing_claim_next_exactly_one_wins(database_
             assert (row.status, row.epoch, row.attempts, row.lease_owner) == \
                 ("running", 1, 1, owner), f"round {round_no}"
             kinds = [e.kind for e in step_log.events(saga_id)]
-            assert kinds == ["created", "claimed"], f"round {round_no}: {kinds}"
+            # The winning (first) claim also started the first step, once.
+            assert kinds == ["created", "claimed", "step_started"], f"round {round_no}: {kinds}"
+            first = step_log.steps(saga_id)[0]
+            assert (first.status, first.attempt) == ("running", 1), f"round {round_no}"
         for proc in procs:
             proc.join(timeout=30)
             assert proc.exitcode == 0, f"{proc.name} exit code {proc.exitcode}"
