@@ -47,7 +47,10 @@ def create_app(settings: Settings | None = None, *, run_workers: bool = True,
             log.warning("no API keys exist yet: every request but /healthz and /readyz will "
                         "get 401; create one with `lakesaga keys create NAME --scope write`")
         try:
-            with waits_end_on_exit_signals(svc.watch):
+            # The event loop thread runs the key lookup of every request and GET /sagas/{id}:
+            # on PostgreSQL its reads share one pinned connection (no pool checkout per read;
+            # the statements are synchronous, so requests never interleave on it).
+            with waits_end_on_exit_signals(svc.watch), svc.db.pinned():
                 yield
         finally:
             if owned:
