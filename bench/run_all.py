@@ -135,7 +135,8 @@ def machine_section(results: list[dict[str, Any]]) -> str:
         f"RAM {m['ram_gib']} GiB; Linux {m['kernel']}",
         f"- Python {m['python']}, DuckDB {pk.get('duckdb')}, PostgreSQL {m['postgresql']}, "
         f"SQLAlchemy {pk.get('sqlalchemy')}, psycopg {pk.get('psycopg')}, FastAPI "
-        f"{pk.get('fastapi')}, uvicorn {pk.get('uvicorn')}; peers: sagaz {pk.get('sagaz')} "
+        f"{pk.get('fastapi')}, uvicorn {pk.get('uvicorn')} (httptools {pk.get('httptools')}, "
+        f"uvloop {pk.get('uvloop')}); peers: sagaz {pk.get('sagaz')} "
         f"(aiosqlite {pk.get('aiosqlite')}), dbos {pk.get('dbos')}",
         "- lakesaga commit measured: " + "; ".join(
             f"{r['benchmark']} {r['machine']['git_commit']}"
