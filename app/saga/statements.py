@@ -239,6 +239,17 @@ def _pg_claim() -> Select[Any]:
 PG_CLAIM = _pg_claim()
 
 
+def _owned(*columns: Any) -> CTE:
+    """The fence of a one-statement PostgreSQL transition: the saga row under the caller's
+    epoch (``f_id``, ``f_epoch``), locked, with its id, status and ``columns``."""
+    return (
+        select(SAGAS.c.id, SAGAS.c.status, *columns)
+        .where(SAGAS.c.id == bindparam("f_id"), SAGAS.c.epoch == bindparam("f_epoch"))
+        .with_for_update()
+        .cte("owned")
+    )
+
+
 @functools.cache
 def step_cas(target: StepStatus, columns: tuple[str, ...]) -> Update:
     """``UPDATE saga_steps SET status = target, <columns> WHERE status IN (its sources)``.
@@ -263,12 +274,7 @@ def pg_step_transition(target: StepStatus, columns: tuple[str, ...],
     cancel flag and ``logged`` (0 when the step was not in a source status, or the saga was
     cancelled and ``unless_cancelled``: then nothing was written).
     """
-    owned = (
-        select(SAGAS.c.id, SAGAS.c.status, SAGAS.c.cancel_requested)
-        .where(SAGAS.c.id == bindparam("f_id"), SAGAS.c.epoch == bindparam("f_epoch"))
-        .with_for_update()
-        .cte("owned")
-    )
+    owned = _owned(SAGAS.c.cancel_requested)
     moved = update(STEPS).where(
         STEPS.c.saga_id == owned.c.id, STEPS.c.step == bindparam("c_step"),
         _status_in(STEPS.c.status, sources_of(target)),
@@ -312,12 +318,7 @@ def pg_step_advance(columns: tuple[str, ...], next_columns: tuple[str, ...],
     the saga's status and cancel flag and ``logged``: 2, 1 (the next step was not started) or 0
     (a step was not in a source status: nothing written).
     """
-    owned = (
-        select(SAGAS.c.id, SAGAS.c.status, SAGAS.c.cancel_requested)
-        .where(SAGAS.c.id == bindparam("f_id"), SAGAS.c.epoch == bindparam("f_epoch"))
-        .with_for_update()
-        .cte("owned")
-    )
+    owned = _owned(SAGAS.c.cancel_requested)
     next_step = bindparam("n_step", type_=String)
     ready: Any = exists().where(STEPS.c.saga_id == owned.c.id, STEPS.c.step == next_step,
                                 _status_in(STEPS.c.status, sources_of(StepStatus.RUNNING)))
@@ -378,12 +379,7 @@ def pg_step_finish(columns: tuple[str, ...]) -> Select[Any]:
     the epoch is superseded, else the saga's status before and ``logged``: 2, or 0 (the step or
     the saga was not in a source status: nothing written).
     """
-    owned = (
-        select(SAGAS.c.id, SAGAS.c.status)
-        .where(SAGAS.c.id == bindparam("f_id"), SAGAS.c.epoch == bindparam("f_epoch"))
-        .with_for_update()
-        .cte("owned")
-    )
+    owned = _owned()
     done = (
         update(STEPS)
         .where(STEPS.c.saga_id.in_(select(owned.c.id).where(
@@ -443,12 +439,7 @@ def pg_saga_transition(target: SagaStatus, columns: tuple[str, ...]) -> Select[A
     superseded, else the saga's status before the change and ``logged`` (0: not allowed from
     that status, nothing written).
     """
-    owned = (
-        select(SAGAS.c.id, SAGAS.c.status)
-        .where(SAGAS.c.id == bindparam("f_id"), SAGAS.c.epoch == bindparam("f_epoch"))
-        .with_for_update()
-        .cte("owned")
-    )
+    owned = _owned()
     moved = (
         update(SAGAS)
         .where(SAGAS.c.id == owned.c.id, _status_in(owned.c.status, saga_sources_of(target)))
