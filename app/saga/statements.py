@@ -108,11 +108,18 @@ def _status_in(column: Any, values: list[str]) -> Any:
     return column.in_([_status(v) for v in values])
 
 
-def _event_values(source: CTE, payload: Any, *, kind: Any, step: Any) -> Select[Any]:
-    """The event row, numbered by ``source.event_seq``, as a SELECT for INSERT … SELECT."""
-    return select(source.c.id, source.c.event_seq, kind, step,
+def _event_values(source: CTE, payload: Any, *, kind: Any, step: Any,
+                  seq: Any = None) -> Select[Any]:
+    """The event row of the saga ``source.id``, numbered ``seq`` (by default
+    ``source.event_seq``), as a SELECT for INSERT … SELECT."""
+    return select(source.c.id, source.c.event_seq if seq is None else seq, kind, step,
                   bindparam("f_epoch", type_=Integer), payload,
                   bindparam("f_now", type_=DateTime))
+
+
+def _count(source: CTE) -> Any:
+    """How many rows ``source`` (a data-modifying CTE's RETURNING) has, as a scalar subquery."""
+    return select(func.count()).select_from(source).scalar_subquery()
 
 
 def _runnable(waiting: Any) -> Select[Any]:
@@ -302,7 +309,21 @@ def pg_step_transition(target: StepStatus, columns: tuple[str, ...],
         .cte("logged")
     )
     return select(owned.c.status, owned.c.cancel_requested,
-                  select(func.count()).select_from(logged).scalar_subquery().label("logged"))
+                  _count(logged).label("logged"))
+
+
+def _step_succeeded(sagas: Select[Any], columns: tuple[str, ...]) -> CTE:
+    """A step (``c_step``) of the saga in ``sagas`` (the fence, possibly narrowed) to
+    ``succeeded``, with ``v_<column>``; RETURNING its ``saga_id`` (no row: nothing moved)."""
+    return (
+        update(STEPS)
+        .where(STEPS.c.saga_id.in_(sagas), STEPS.c.step == bindparam("c_step"),
+               _status_in(STEPS.c.status, sources_of(StepStatus.SUCCEEDED)))
+        .values(status=StepStatus.SUCCEEDED.value,
+                **{name: bindparam(f"v_{name}") for name in columns})
+        .returning(STEPS.c.saga_id)
+        .cte("done")
+    )
 
 
 @functools.cache
@@ -324,16 +345,7 @@ def pg_step_advance(columns: tuple[str, ...], next_columns: tuple[str, ...],
                                 _status_in(STEPS.c.status, sources_of(StepStatus.RUNNING)))
     if unless_cancelled:  # a cancelled saga gets the first change whatever the next step's
         ready = or_(ready, owned.c.cancel_requested.is_(True))
-    done = (
-        update(STEPS)
-        .where(STEPS.c.saga_id.in_(select(owned.c.id).where(ready)),
-               STEPS.c.step == bindparam("c_step"),
-               _status_in(STEPS.c.status, sources_of(StepStatus.SUCCEEDED)))
-        .values(status=StepStatus.SUCCEEDED.value,
-                **{name: bindparam(f"v_{name}") for name in columns})
-        .returning(STEPS.c.saga_id)
-        .cte("done")
-    )
+    done = _step_succeeded(select(owned.c.id).where(ready), columns)
     started = update(STEPS).where(STEPS.c.saga_id.in_(select(done.c.saga_id)),
                                   STEPS.c.step == next_step)
     if unless_cancelled:
@@ -344,7 +356,7 @@ def pg_step_advance(columns: tuple[str, ...], next_columns: tuple[str, ...],
         .returning(STEPS.c.saga_id)
         .cte("started")
     )
-    both = select(func.count()).select_from(started_cte).scalar_subquery()
+    both = _count(started_cte)
     numbered = (
         update(SAGAS)
         .where(SAGAS.c.id.in_(select(done.c.saga_id)))
@@ -352,13 +364,12 @@ def pg_step_advance(columns: tuple[str, ...], next_columns: tuple[str, ...],
         .returning(SAGAS.c.id, SAGAS.c.event_seq)
         .cte("numbered")
     )
-    epoch, now = bindparam("f_epoch", type_=Integer), bindparam("f_now", type_=DateTime)
-    first = select(numbered.c.id, numbered.c.event_seq - both,
-                   bindparam("e_kind", type_=String), bindparam("c_step", type_=String), epoch,
-                   bindparam("e_payload", type_=JSONB), now)
-    second = select(numbered.c.id, numbered.c.event_seq, bindparam("n_kind", type_=String),
-                    next_step, epoch, bindparam("n_payload", type_=JSONB),
-                    now).where(exists(select(started_cte.c.saga_id)))
+    first = _event_values(numbered, bindparam("e_payload", type_=JSONB),
+                          kind=bindparam("e_kind", type_=String),
+                          step=bindparam("c_step", type_=String), seq=numbered.c.event_seq - both)
+    second = _event_values(numbered, bindparam("n_payload", type_=JSONB),
+                           kind=bindparam("n_kind", type_=String),
+                           step=next_step).where(exists(select(started_cte.c.saga_id)))
     logged = (
         insert(EVENTS)
         .from_select(EVENT_COLUMNS, union_all(first, second))
@@ -366,7 +377,7 @@ def pg_step_advance(columns: tuple[str, ...], next_columns: tuple[str, ...],
         .cte("logged")
     )
     return select(owned.c.status, owned.c.cancel_requested,
-                  select(func.count()).select_from(logged).scalar_subquery().label("logged"))
+                  _count(logged).label("logged"))
 
 
 @functools.cache
@@ -380,17 +391,8 @@ def pg_step_finish(columns: tuple[str, ...]) -> Select[Any]:
     the saga was not in a source status: nothing written).
     """
     owned = _owned()
-    done = (
-        update(STEPS)
-        .where(STEPS.c.saga_id.in_(select(owned.c.id).where(
-                   _status_in(owned.c.status, saga_sources_of(SagaStatus.SUCCEEDED)))),
-               STEPS.c.step == bindparam("c_step"),
-               _status_in(STEPS.c.status, sources_of(StepStatus.SUCCEEDED)))
-        .values(status=StepStatus.SUCCEEDED.value,
-                **{name: bindparam(f"v_{name}") for name in columns})
-        .returning(STEPS.c.saga_id)
-        .cte("done")
-    )
+    done = _step_succeeded(select(owned.c.id).where(
+        _status_in(owned.c.status, saga_sources_of(SagaStatus.SUCCEEDED))), columns)
     now = bindparam("f_now", type_=DateTime)
     finished = (
         update(SAGAS)
@@ -400,12 +402,12 @@ def pg_step_finish(columns: tuple[str, ...]) -> Select[Any]:
         .returning(SAGAS.c.id, SAGAS.c.event_seq)
         .cte("finished")
     )
-    epoch = bindparam("f_epoch", type_=Integer)
-    step_event = select(finished.c.id, finished.c.event_seq - 1,
-                        bindparam("e_kind", type_=String), bindparam("c_step", type_=String),
-                        epoch, bindparam("e_payload", type_=JSONB), now)
-    saga_event = select(finished.c.id, finished.c.event_seq, literal("status", String),
-                        literal(None, String), epoch, bindparam("s_payload", type_=JSONB), now)
+    step_event = _event_values(finished, bindparam("e_payload", type_=JSONB),
+                               kind=bindparam("e_kind", type_=String),
+                               step=bindparam("c_step", type_=String),
+                               seq=finished.c.event_seq - 1)
+    saga_event = _event_values(finished, bindparam("s_payload", type_=JSONB),
+                               kind=literal("status", String), step=literal(None, String))
     logged = (
         insert(EVENTS)
         .from_select(EVENT_COLUMNS, union_all(step_event, saga_event))
@@ -413,7 +415,7 @@ def pg_step_finish(columns: tuple[str, ...]) -> Select[Any]:
         .cte("logged")
     )
     return select(owned.c.status,
-                  select(func.count()).select_from(logged).scalar_subquery().label("logged"))
+                  _count(logged).label("logged"))
 
 
 @functools.cache
@@ -460,7 +462,7 @@ def pg_saga_transition(target: SagaStatus, columns: tuple[str, ...]) -> Select[A
         .cte("logged")
     )
     return select(owned.c.status,
-                  select(func.count()).select_from(logged).scalar_subquery().label("logged"))
+                  _count(logged).label("logged"))
 
 
 # -- a new saga ------------------------------------------------------------------------------------
@@ -529,5 +531,4 @@ def pg_create_saga(names: tuple[str, ...]) -> Select[Any]:
     logged = (insert(EVENTS).from_select(list(event), select(*event.values()))
               .returning(EVENTS.c.seq).cte("new_event"))
     return select(new.c.id,
-                  select(func.count()).select_from(steps).scalar_subquery().label("steps"),
-                  select(func.count()).select_from(logged).scalar_subquery().label("events"))
+                  _count(steps).label("steps"), _count(logged).label("events"))

@@ -348,11 +348,7 @@ class StepLog:
         if not saga_sources_of(target):
             raise InvalidTransition(f"no transition leads to {target}")
         now = utcnow()
-        values: dict[str, Any] = {"updated_at": now}
-        if error is not None:
-            values["error"] = error
-        if target in FINISHED_SAGA_STATUSES:
-            values.update(finished_at=now, lease_owner=None, lease_expires_at=None)
+        values = _saga_values(target, now, error)
         payload: dict[str, Any] = {"to": target.value}
         if error:
             payload["error"] = error
@@ -595,13 +591,24 @@ def _fence(conn: Connection, saga_id: str, epoch: int, now: datetime) -> tuple[i
     return row.event_seq, SagaState(SagaStatus(row.status), bool(row.cancel_requested))
 
 
+def _saga_values(target: SagaStatus, now: datetime, error: str | None = None,
+                 ) -> dict[str, Any]:
+    """The saga row's columns a move to ``target`` sets besides its status (a finished saga
+    leaves its lease)."""
+    values: dict[str, Any] = {"updated_at": now}
+    if error is not None:
+        values["error"] = error
+    if target in FINISHED_SAGA_STATUSES:
+        values.update(finished_at=now, lease_owner=None, lease_expires_at=None)
+    return values
+
+
 def _start_or_finish(conn: Connection, saga_id: str, epoch: int, saga: SagaState,
                      start: StepStart | None, now: datetime) -> bool:
     """SQLite, in ``StepLog.advance``'s transaction: start the next step (True) or finish the
     saga. A failed compare-and-set raises, which rolls the whole transaction back."""
     if start is None:
-        values = {"updated_at": now, "finished_at": now, "lease_owner": None,
-                  "lease_expires_at": None}
+        values = _saga_values(SagaStatus.SUCCEEDED, now)
         names = tuple(sorted(values))
         cas = run_on_driver(conn, sql.saga_cas(SagaStatus.SUCCEEDED, names), {
             "f_id": saga_id, "f_epoch": epoch, "c_from": SagaStatus.RUNNING.value,
