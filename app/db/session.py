@@ -224,6 +224,11 @@ class Database:
     def is_postgres(self) -> bool:
         return self.engine.dialect.name == "postgresql"
 
+    @property
+    def one_writer(self) -> bool:
+        """Whether this process's writes run one at a time, on one connection (SQLite)."""
+        return self._writer is not None
+
     @contextmanager
     def _sqlite_writer(self) -> Iterator[Connection]:
         """SQLite: this process's writer connection, held with its writer lock.

@@ -7,14 +7,16 @@ re-run (steps are idempotent), and a saga found ``compensating`` only ever resum
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 from app.faults import fault_point
@@ -61,10 +63,13 @@ class SagaRunner:
 
     def __init__(
         self, step_log: StepLog, definition: Saga, claim: Claim, config: ExecutorConfig,
-        lease: Lease | None = None,
+        lease: Lease | None = None, turn: threading.Lock | None = None,
     ) -> None:
         self.log, self.definition, self.claim, self.config = step_log, definition, claim, config
         self.lease = lease
+        #: The executor's turn (SQLite), held by the calling thread: let go while a step's own
+        #: work runs (``_outside_turn``).
+        self.turn = turn
         self.saga_id, self.epoch = claim.saga_id, claim.epoch
         self.steps = {record.step: record for record in claim.steps}
 
@@ -99,6 +104,35 @@ class SagaRunner:
             return (f"poison: claimed {self.claim.attempts} times without finishing "
                     f"(limit {self.config.max_saga_attempts})")
         return None
+
+    @contextlib.contextmanager
+    def _outside_turn(self) -> Iterator[None]:
+        """Let the process's other executor threads take their turn while this one runs a
+        step's own work (an action, a compensation) or waits to retry it."""
+        if self.turn is None:
+            yield
+            return
+        self.turn.release()
+        try:
+            yield
+        finally:
+            self.turn.acquire()
+
+    def _work(self, point: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """A step's own work (``run``: its action or compensation) between its fault points
+        ``<point>`` and ``<point>.before_record``, outside the executor's turn."""
+        with self._outside_turn():
+            fault_point(point)
+            with owner_check(self._ensure_owner):
+                result = run()
+            # The record that follows is fenced by the epoch; a lost lease stops the step sooner.
+            self._check_lease()
+            fault_point(f"{point}.before_record")
+        return result
+
+    def _wait_to_retry(self, tries: int) -> None:
+        with self._outside_turn():
+            time.sleep(self.config.step_retry.delay_s(tries))
 
     def _recorded(self, step: str, **changes: Any) -> None:
         """Apply a change this runner has just committed to its view of the step."""
@@ -220,12 +254,7 @@ class SagaRunner:
                 self._recorded(spec.name, status=StepStatus.RUNNING, attempt=attempt, error=None)
             ctx = self._context(spec, attempt, outputs, checkpoint)
             try:
-                fault_point(spec.name)
-                with owner_check(self._ensure_owner):
-                    output = self.definition.run_action(spec, ctx)
-                # The record below is fenced by the epoch; a lost lease stops the step sooner.
-                self._check_lease()
-                fault_point(f"{spec.name}.before_record")
+                output = self._work(spec.name, partial(self.definition.run_action, spec, ctx))
             except LostOwnership:
                 raise
             except Exception as exc:
@@ -236,7 +265,7 @@ class SagaRunner:
                         raise StepDeferred(f"{spec.name}: {error}") from exc
                     log.info("step %s of %s failed (try %d), retrying: %s",
                              spec.name, self.saga_id, tries, error)
-                    time.sleep(policy.delay_s(tries))
+                    self._wait_to_retry(tries)
                     continue
                 log.warning("step %s of %s failed: %s", spec.name, self.saga_id, error)
                 self.log.update_step(
@@ -315,12 +344,9 @@ class SagaRunner:
             try:
                 result: dict[str, Any] = {}
                 if spec.compensation is not None:
-                    fault_point(spec.compensation)
                     ctx = self._context(spec, attempt, outputs, checkpoint, output)
-                    with owner_check(self._ensure_owner):
-                        result = self.definition.run_compensation(spec, ctx)
-                    self._check_lease()
-                    fault_point(f"{spec.compensation}.before_record")
+                    result = self._work(spec.compensation,
+                                        partial(self.definition.run_compensation, spec, ctx))
             except LostOwnership:
                 raise
             except Exception as exc:
@@ -334,7 +360,7 @@ class SagaRunner:
                     if self.definition.is_transient(exc):
                         raise StepDeferred(f"{name}: {error}") from exc
                     return error
-                time.sleep(policy.delay_s(tries))
+                self._wait_to_retry(tries)
                 continue
             self.log.update_step(
                 self.saga_id, self.epoch, spec.name, StepStatus.COMPENSATED,
@@ -347,7 +373,16 @@ class SagaRunner:
 
 
 class Executor:
-    """Worker threads that claim and run sagas until stopped."""
+    """Worker threads that claim and run sagas until stopped.
+
+    On SQLite the threads take turns: a thread holds the executor's turn while it claims a saga
+    and records its transitions, and lets it go while a step's own work runs (an action or a
+    compensation: the lake work) and while it waits to retry one. The process's writes run one
+    at a time anyway (``Database.one_writer``), and the bookkeeping around them is Python under
+    the GIL; threads interleaving there gain nothing and pay a thread switch at almost every
+    statement (each SQLite call releases the GIL to a thread that soon waits for the writer).
+    On PostgreSQL each write is a round trip that other threads overlap: no turns.
+    """
 
     def __init__(self, step_log: StepLog, definitions: dict[str, Callable[[], Saga]],
                  config: ExecutorConfig, worker_name: str | None = None) -> None:
@@ -359,6 +394,7 @@ class Executor:
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
         self._leases = LeaseKeeper(step_log, self.owner, config.lease_ttl_s, describe_error)
+        self._turn = threading.Lock() if step_log.db.one_writer else None
 
     def start(self) -> None:
         for i in range(self.config.concurrency):
@@ -395,7 +431,7 @@ class Executor:
     def run_once(self) -> bool:
         """Claim and run one saga. False when there was nothing to do."""
         # The claim and the saga's transitions share one connection of the pool.
-        with self.log.db.pinned():
+        with self.log.db.pinned(), self._turn or contextlib.nullcontext():
             return self._claim_and_run()
 
     def _claim_and_run(self) -> bool:
@@ -408,7 +444,7 @@ class Executor:
             if factory is None:
                 raise UnknownDefinition(f"no saga definition named {claim.definition!r}")
             with self._leases.hold(claim) as lease:
-                SagaRunner(self.log, factory(), claim, self.config, lease).run()
+                SagaRunner(self.log, factory(), claim, self.config, lease, self._turn).run()
         except LostOwnership as exc:
             log.warning("stopped saga %s: %s", claim.saga_id, exc)
         except StepDeferred as exc:

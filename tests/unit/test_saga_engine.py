@@ -13,7 +13,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,12 @@ from app.saga.errors import (
 )
 from app.saga.executor import Executor, ExecutorConfig
 from app.saga.retry import RetryPolicy
-from app.saga.states import ALLOWED_SAGA_TRANSITIONS, SagaStatus, StepStatus
+from app.saga.states import (
+    ALLOWED_SAGA_TRANSITIONS,
+    FINISHED_SAGA_STATUSES,
+    SagaStatus,
+    StepStatus,
+)
 from app.saga.step_log import NewSaga, StepLog, StepStart, utcnow
 
 pytestmark = pytest.mark.timeout(60)
@@ -796,6 +801,55 @@ def test_concurrency__every_saga_claimed_exactly_once(step_log: StepLog, script:
         assert len(claims) == 1, saga_id
         assert_valid_log(step_log, saga_id)
     assert Counter(script.done()) == dict.fromkeys("abcd", 20)
+
+
+def run_threads_until_done(step_log: StepLog, script: Script, config: ExecutorConfig,
+                           saga_ids: list[str], timeout_s: float = 30) -> None:
+    """Run an executor with its own threads (``config.concurrency``) until every saga rests."""
+    executor = make_executor(step_log, script, config)
+    executor.start()
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and any(
+                saga(step_log, saga_id).status not in FINISHED_SAGA_STATUSES
+                for saga_id in saga_ids):
+            time.sleep(0.02)
+    finally:
+        assert executor.stop(timeout_s=10)
+
+
+def test_concurrency__the_steps_of_one_executors_threads_run_side_by_side(
+    step_log: StepLog, script: Script
+) -> None:
+    """On SQLite the threads take turns at the bookkeeping, never at a step's own work: each
+    saga's first step waits until the other one runs it too (or fails after 10 s)."""
+    saga_ids = [create(step_log, partition=PARTITION + timedelta(days=i)) for i in range(2)]
+    both = threading.Barrier(2, timeout=10)
+    script.hooks["a"] = lambda ctx: both.wait()
+    run_threads_until_done(step_log, script, replace(CONFIG, concurrency=2), saga_ids)
+
+    assert [saga(step_log, saga_id).status for saga_id in saga_ids] == [SagaStatus.SUCCEEDED] * 2
+    assert Counter(script.done()) == dict.fromkeys("abcd", 2)
+
+
+def test_concurrency__a_step_waiting_to_retry_lets_the_other_sagas_go_on(
+    step_log: StepLog, script: Script
+) -> None:
+    """The first try of ``a`` fails transiently and waits 1.5 to 3 s to retry; meanwhile the
+    other saga runs from start to end."""
+    saga_ids = [create(step_log, partition=PARTITION + timedelta(days=i)) for i in range(2)]
+    script.failures["a"] = [TransientError("busy")]
+    done: list[tuple[str, str]] = []  # (step, saga) of each try of a or d that succeeded
+    for step in "ad":
+        script.hooks[step] = lambda ctx: done.append((ctx.step, ctx.saga_id))
+    config = replace(CONFIG, concurrency=2,
+                     step_retry=RetryPolicy(max_attempts=3, base_delay_s=3, max_delay_s=3))
+    run_threads_until_done(step_log, script, config, saga_ids)
+
+    assert [saga(step_log, saga_id).status for saga_id in saga_ids] == [SagaStatus.SUCCEEDED] * 2
+    retried = next(i for i in saga_ids if step_log.steps(i)[0].attempt == 2)
+    (other,) = set(saga_ids) - {retried}
+    assert done == [("a", other), ("d", other), ("a", retried), ("d", retried)]
 
 
 def test_create_saga__same_idempotency_key_returns_the_existing_saga(step_log: StepLog) -> None:
