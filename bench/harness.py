@@ -99,6 +99,24 @@ def postgres_version() -> str | None:
         return None
 
 
+#: Iterations of ``python_loop_s``'s loop.
+LOOP_ITERATIONS = 5_000_000
+
+
+def python_loop_s() -> float:
+    """Seconds a fixed pure-Python loop (``total += i``, ``LOOP_ITERATIONS`` times) takes here
+    and now, best of 3: how fast this host runs the interpreter, so that absolute figures of runs
+    made on different hosts (or on a busy one) can be compared. The ratios do not need it."""
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        total = 0
+        for i in range(LOOP_ITERATIONS):
+            total += i
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
 def machine_info() -> dict[str, Any]:
     cpuinfo = _read("/proc/cpuinfo")
     model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
@@ -123,7 +141,9 @@ def machine_info() -> dict[str, Any]:
                                               "sagaz", "dbos", "aiosqlite")},
         "git_commit": commit,
         "app_dirty": dirty,
-        "loadavg": list(os.getloadavg()),
+        # As the benchmark began (print_header), else now.
+        "loadavg": _before.get("loadavg") or list(os.getloadavg()),
+        "python_loop_s": _before.get("python_loop_s") or python_loop_s(),
     }
 
 
@@ -362,7 +382,15 @@ class Server:
             self.stop()
 
 
+#: The load average and interpreter speed as the benchmark began (``print_header``), which
+#: ``machine_info`` reports: after the benchmark, the load would be its own.
+_before: dict[str, Any] = {}
+
+
 def print_header(title: str, quick: bool) -> None:
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    _before["loadavg"] = list(os.getloadavg())
+    _before["python_loop_s"] = python_loop_s()
+    load = ", ".join(f"{x:.2f}" for x in _before["loadavg"])
     note = " (quick smoke run: numbers are not results)" if quick else ""
-    print(f"\n## {title}{note}\nload average before: {load}\n", flush=True)
+    print(f"\n## {title}{note}\nload average before: {load}; "
+          f"Python loop: {_before['python_loop_s']:.2f} s\n", flush=True)

@@ -145,6 +145,10 @@ def machine_section(results: list[dict[str, Any]]) -> str:
         "- load average (1/5/15 min) before each benchmark: " + "; ".join(
             f"{r['benchmark']} {', '.join(f'{x:.2f}' for x in r['machine']['loadavg'])}"
             for r in results),
+        f"- Python speed before each benchmark ({harness.LOOP_ITERATIONS:,} iterations of "
+        "`total += i`, best of 3; compare hosts with it, lower is faster): " + "; ".join(
+            f"{r['benchmark']} {r['machine'].get('python_loop_s', float('nan')):.2f} s"
+            for r in results),
     ]
     return "\n".join(lines)
 
