@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import date
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, insert, select
 
 from app.db.models import CatalogPartitionRow
 from app.db.session import Database
@@ -57,16 +57,16 @@ def replace_entries(db: Database, dataset: str, partition_date: date,
                 CatalogPartitionRow.partition_date == partition_date,
             )
         )
-        for entry in entries:
-            s.add(
-                CatalogPartitionRow(
-                    dataset=dataset,
-                    partition_date=partition_date,
-                    layer=entry["layer"],
-                    registered_at=now,
-                    **{f: entry[f] for f in _FIELDS},
-                )
-            )
-        s.flush()
+        if entries:
+            # One multi-row INSERT, not an ORM flush of the rows: that is an executemany, which
+            # psycopg pipelines and ends with Sync then Flush. The server arms its
+            # idle_in_transaction_session_timeout as it answers the Sync, disarms it when the
+            # Flush arrives, and arms it again only at a Sync: a worker paused here (a zombie)
+            # kept the saga row locked past its lease, and no other worker could claim the saga.
+            s.execute(insert(CatalogPartitionRow).values([
+                {"dataset": dataset, "partition_date": partition_date, "layer": entry["layer"],
+                 "registered_at": now, **{f: entry[f] for f in _FIELDS}}
+                for entry in entries
+            ]))
         fault_point(f"{point}.before_commit")
     fault_point(f"{point}.after_commit")

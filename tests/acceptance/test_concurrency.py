@@ -66,15 +66,9 @@ ZOMBIE_CASES = [
     pytest.param("process_to_silver.before_commit", "", "succeeded", id="silver"),
     pytest.param("aggregate_to_gold.before_commit", "", "succeeded", id="gold"),
     # The zombie holds the saga row lock inside the catalog transaction, and claims skip locked
-    # rows. The saga database engine sets idle_in_transaction_session_timeout to the lease TTL
-    # so the server should end that session; in a stopped worker it does not (a standalone
-    # SIGSTOPped client's session is ended) -- open, see docs/RELIABILITY.md.
-    pytest.param(
-        "update_catalog.before_commit", "", "succeeded", id="catalog",
-        marks=pytest.mark.xfail(
-            raises=NoTakeover, strict=False,
-            reason="liveness: a worker paused inside the catalog transaction keeps the saga "
-                   "row locked, so no other worker can claim the saga until it resumes")),
+    # rows: the successor can claim only once the server has ended the zombie's session, which
+    # the saga database engine asks for at the lease TTL (idle_in_transaction_session_timeout).
+    pytest.param("update_catalog.before_commit", "", "succeeded", id="catalog"),
     # Gold fails for good in the zombie's run, so its saga turns to compensation, and the zombie
     # pauses right before committing the silver restore. The new owner resumes compensation (a
     # saga found `compensating` never goes forward again), so it needs no fault of its own.
