@@ -395,6 +395,9 @@ class Executor:
         self._threads: list[threading.Thread] = []
         self._leases = LeaseKeeper(step_log, self.owner, config.lease_ttl_s, describe_error)
         self._turn = threading.Lock() if step_log.db.one_writer else None
+        #: The definitions this executor claims sagas of (others wait for a worker that knows
+        #: them: claiming one would count an attempt towards its poison limit for nothing).
+        self._known = tuple(sorted(definitions))
 
     def start(self) -> None:
         for i in range(self.config.concurrency):
@@ -435,7 +438,7 @@ class Executor:
             return self._claim_and_run()
 
     def _claim_and_run(self) -> bool:
-        claim = self.log.claim_next(self.owner, self.config.lease_ttl_s)
+        claim = self.log.claim_next(self.owner, self.config.lease_ttl_s, self._known)
         if claim is None:
             return False
         log.info("claimed saga %s (epoch %d, %s)", claim.saga_id, claim.epoch, claim.status)

@@ -32,6 +32,7 @@ from sqlalchemy import (
     literal_column,
     or_,
     select,
+    true,
     union_all,
     update,
 )
@@ -145,14 +146,28 @@ def _runnable(waiting: Any) -> Select[Any]:
     )
 
 
-#: The claimable sagas in two kinds, each found in FIFO order: pending ones, and active ones
-#: whose lease has expired (their worker died). A claim takes the older of the two.
-PENDING = _runnable(SAGAS.c.status == _status(SagaStatus.PENDING.value))
-ABANDONED = _runnable(and_(
-    _status_in(SAGAS.c.status, ACTIVE),
-    or_(SAGAS.c.lease_expires_at.is_(None),
-        SAGAS.c.lease_expires_at < bindparam("c_now", type_=DateTime)),
-))
+def _claimable(definitions: tuple[str, ...] | None) -> tuple[Select[Any], Select[Any]]:
+    """The claimable sagas in two kinds, each found in FIFO order: pending ones, and active
+    ones whose lease has expired (their worker died). A claim takes the older of the two.
+
+    With ``definitions``, only sagas of those definitions (the claiming worker's: a saga that
+    only another release of lakesaga knows waits for a worker that knows it). They are names
+    from the code, written into the SQL like the statuses.
+    """
+    known: Any = true()
+    if definitions is not None:
+        if not all(name.isidentifier() for name in definitions):
+            raise ValueError(f"saga definition names must be identifiers: {definitions}")
+        known = SAGAS.c.definition.in_([literal_column(f"'{name}'", String)
+                                        for name in definitions])
+    pending = _runnable(and_(SAGAS.c.status == _status(SagaStatus.PENDING.value), known))
+    abandoned = _runnable(and_(
+        _status_in(SAGAS.c.status, ACTIVE),
+        or_(SAGAS.c.lease_expires_at.is_(None),
+            SAGAS.c.lease_expires_at < bindparam("c_now", type_=DateTime)),
+        known,
+    ))
+    return pending, abandoned
 
 
 def _oldest(*arms: Any) -> Select[Any]:
@@ -160,8 +175,13 @@ def _oldest(*arms: Any) -> Select[Any]:
     return select(both).order_by(both.c.created_at, both.c.id).limit(1)
 
 
-#: SQLite: the saga to claim (``CLAIM`` then takes it under the transaction's database lock).
-CLAIM_CANDIDATE = _oldest(PENDING.subquery("pending"), ABANDONED.subquery("abandoned"))
+@functools.cache
+def claim_candidate(definitions: tuple[str, ...] | None) -> Select[Any]:
+    """SQLite: the saga to claim (``CLAIM`` then takes it under the transaction's database
+    lock); ``definitions`` as in ``_claimable``."""
+    pending, abandoned = _claimable(definitions)
+    return _oldest(pending.subquery("pending"), abandoned.subquery("abandoned"))
+
 #: Claim the candidate found by ``CLAIM_CANDIDATE`` (compare-and-set on its epoch and status).
 CLAIM = (
     update(SAGAS)
@@ -175,17 +195,20 @@ CLAIM = (
 )
 
 
-def _pg_claim() -> Select[Any]:
+@functools.cache
+def pg_claim(definitions: tuple[str, ...] | None) -> Select[Any]:
     """PostgreSQL: the claim, its ``claimed`` event and the saga's steps in one statement; on
     a saga's first claim, unless its cancellation was requested, also the start of its first
-    step (``step_started``), as ``StepLog.claim_next`` describes.
+    step (``step_started``), as ``StepLog.claim_next`` describes. ``definitions`` as in
+    ``_claimable``.
 
     One row, the steps as a JSON array of ``STEP_RECORD_COLUMNS`` as they were before the
     statement, and ``started`` (the first step was started); none when nothing is claimable.
     """
+    pending, abandoned = _claimable(definitions)
     candidate = _oldest(
-        PENDING.with_for_update(skip_locked=True, of=SAGAS).cte("pending"),
-        ABANDONED.with_for_update(skip_locked=True, of=SAGAS).cte("abandoned"),
+        pending.with_for_update(skip_locked=True, of=SAGAS).cte("pending"),
+        abandoned.with_for_update(skip_locked=True, of=SAGAS).cte("abandoned"),
     ).cte("candidate")
     was_pending = candidate.c.status == _status(SagaStatus.PENDING.value)
     new_status = case((was_pending, _status(SagaStatus.RUNNING.value)), else_=candidate.c.status)
@@ -241,9 +264,6 @@ def _pg_claim() -> Select[Any]:
         .scalar_subquery()
     )
     return select(claimed, steps.label("steps")).add_cte(first).add_cte(logged)
-
-
-PG_CLAIM = _pg_claim()
 
 
 def _owned(*columns: Any) -> CTE:

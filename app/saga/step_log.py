@@ -247,10 +247,14 @@ class StepLog:
                 )
             )
 
-    def claim_next(self, owner: str, lease_ttl_s: float) -> Claim | None:
+    def claim_next(self, owner: str, lease_ttl_s: float,
+                   definitions: tuple[str, ...] | None = None) -> Claim | None:
         """Claim one runnable saga: pending, or active with an expired lease (crash recovery).
 
-        The oldest non-terminal saga of a partition goes first; the others wait behind it.
+        With ``definitions``, only a saga of one of them: the claiming worker's (a saga of a
+        definition it does not know is left to a worker that knows it, unclaimed and not
+        counted as an attempt). The oldest non-terminal saga of a partition goes first; the
+        others wait behind it, whatever their definitions.
         The claim also reads the saga and its steps, so running it needs no other read. On a
         saga's first claim (pending, never claimed), unless its cancellation was requested, its
         first step is started in the same write (``Claim.started``): what its runner would
@@ -259,15 +263,17 @@ class StepLog:
         now = utcnow()
         params = {"c_now": now, "c_owner": owner,
                   "c_until": now + timedelta(seconds=lease_ttl_s)}
-        claim = self._claim_pg(params) if self.db.is_postgres else self._claim(params)
+        claim = (self._claim_pg(params, definitions) if self.db.is_postgres
+                 else self._claim(params, definitions))
         if claim is not None:
             self._announce(claim.saga_id)
             fault_point("saga.claimed")
         return claim
 
-    def _claim(self, params: dict[str, Any]) -> Claim | None:
+    def _claim(self, params: dict[str, Any],
+               definitions: tuple[str, ...] | None) -> Claim | None:
         with self.db.writing() as conn:
-            found = run_on_driver(conn, sql.CLAIM_CANDIDATE, params).first()
+            found = run_on_driver(conn, sql.claim_candidate(definitions), params).first()
             if found is None:
                 return None
             saga_id, epoch, status, attempts = found.id, found.epoch, found.status, found.attempts
@@ -295,9 +301,10 @@ class StepLog:
                      claimed.dataset, claimed.partition_date, claimed.request, claimed.manifest,
                      bool(claimed.cancel_requested), tuple(steps), started)
 
-    def _claim_pg(self, params: dict[str, Any]) -> Claim | None:
+    def _claim_pg(self, params: dict[str, Any],
+                  definitions: tuple[str, ...] | None) -> Claim | None:
         with self.db.autocommit() as conn:
-            row = run_on_driver(conn, sql.PG_CLAIM, params).first()
+            row = run_on_driver(conn, sql.pg_claim(definitions), params).first()
         if row is None:
             return None
         steps = [StepRecord(step, StepStatus(status), *rest)

@@ -137,12 +137,12 @@ def make_executor(step_log: StepLog, script: Script, config: ExecutorConfig = CO
 
 
 def create(step_log: StepLog, *, dataset: str = "clicks", partition: date = PARTITION,
-           request: dict[str, Any] | None = None) -> str:
+           request: dict[str, Any] | None = None, definition: str = Pipeline.name) -> str:
     saga_id = str(uuid.uuid4())
     step_log.create_saga(
         NewSaga(
             id=saga_id,
-            definition=Pipeline.name,
+            definition=definition,
             dataset=dataset,
             partition_date=partition,
             request=request if request is not None else {"source": "s3://raw", "key": "req"},
@@ -1080,6 +1080,30 @@ def test_claim__a_cancelled_saga_is_claimed_without_a_start(step_log: StepLog) -
     assert step_statuses(step_log, saga_id) == dict.fromkeys("abcd", "pending")
     assert [e.kind for e in step_log.events(saga_id)] == ["created", "cancel_requested",
                                                           "claimed"]
+
+
+def test_claim__a_worker_leaves_the_sagas_of_definitions_it_does_not_know(
+    step_log: StepLog, script: Script
+) -> None:
+    """A saga of another release's definition is neither claimed nor counted as an attempt by
+    this worker; a later saga of its partition waits behind it; a worker that knows it runs it
+    as a first claim."""
+    foreign = create(step_log, definition="next_release_pipeline")
+    behind = create(step_log)
+    elsewhere = create(step_log, partition=PARTITION + timedelta(days=1))
+    executor = make_executor(step_log, script)
+    executor.drain()
+
+    assert saga(step_log, elsewhere).status == SagaStatus.SUCCEEDED
+    for saga_id in (foreign, behind):
+        row = saga(step_log, saga_id)
+        assert (row.status, row.attempts, row.epoch) == (SagaStatus.PENDING, 0, 0)
+    assert not executor.run_once()
+
+    claim = step_log.claim_next("next-release-worker", 30, ("next_release_pipeline",))
+    assert claim is not None and claim.saga_id == foreign
+    assert (claim.attempts, claim.epoch, claim.started) == (1, 1, "a")
+    assert step_log.claim_next("next-release-worker", 30, ("next_release_pipeline",)) is None
 
 
 def test_advance__records_a_success_and_the_next_start_in_one_write(step_log: StepLog) -> None:
