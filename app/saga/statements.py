@@ -182,7 +182,8 @@ def claim_candidate(definitions: tuple[str, ...] | None) -> Select[Any]:
     pending, abandoned = _claimable(definitions)
     return _oldest(pending.subquery("pending"), abandoned.subquery("abandoned"))
 
-#: Claim the candidate found by ``CLAIM_CANDIDATE`` (compare-and-set on its epoch and status).
+
+#: Claim the candidate found by ``claim_candidate`` (compare-and-set on its epoch and status).
 CLAIM = (
     update(SAGAS)
     .where(SAGAS.c.id == bindparam("c_id"), SAGAS.c.epoch == bindparam("c_epoch"),
