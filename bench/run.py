@@ -35,13 +35,14 @@ def main() -> None:
         print("bench: creating .venv-bench (first run takes a few minutes)", file=sys.stderr)
         if subprocess.run([sys.executable, "-m", "venv", str(VENV)]).returncode != 0:  # noqa: S603
             sys.exit("bench: could not create .venv-bench")
-    if not STAMP.exists() or STAMP.read_text().strip() != wanted():
+    want = wanted()
+    if not STAMP.exists() or STAMP.read_text().strip() != want:
         print("bench: installing the bench's packages into .venv-bench", file=sys.stderr)
         cmd = [str(PY), "-m", "pip", "install", "-q", "-e", f"{ROOT}[test]",
                "-r", str(ROOT / "bench" / "requirements.txt")]
         if subprocess.run(cmd, env=env).returncode != 0:  # noqa: S603
             sys.exit(f"bench: {' '.join(cmd)} failed")
-        STAMP.write_text(wanted() + "\n")
+        STAMP.write_text(want + "\n")
     script = ROOT / "bench" / "run_all.py"
     os.execv(PY, [str(PY), str(script), *sys.argv[1:]])  # noqa: S606
 

@@ -98,11 +98,17 @@ CLAIMED_COLUMNS = [SAGAS.c.event_seq, SAGAS.c.definition, SAGAS.c.dataset,
                    SAGAS.c.cancel_requested]
 
 
-def _status(value: str) -> Any:
-    """A status constant written into the SQL (an enum value, never user text): the planners
-    see the exact values, and nothing is bound per execution."""
-    assert value.isalpha(), value
+def _constant(value: str) -> Any:
+    """A name from the code written into the SQL as a string literal (never user text; the
+    callers check its characters): the planners see the exact values, and nothing is bound per
+    execution."""
     return literal_column(f"'{value}'", String)
+
+
+def _status(value: str) -> Any:
+    """A status constant (an enum value) written into the SQL."""
+    assert value.isalpha(), value
+    return _constant(value)
 
 
 def _status_in(column: Any, values: list[str]) -> Any:
@@ -158,8 +164,7 @@ def _claimable(definitions: tuple[str, ...] | None) -> tuple[Select[Any], Select
     if definitions is not None:
         if not all(name.isidentifier() for name in definitions):
             raise ValueError(f"saga definition names must be identifiers: {definitions}")
-        known = SAGAS.c.definition.in_([literal_column(f"'{name}'", String)
-                                        for name in definitions])
+        known = SAGAS.c.definition.in_([_constant(name) for name in definitions])
     pending = _runnable(and_(SAGAS.c.status == _status(SagaStatus.PENDING.value), known))
     abandoned = _runnable(and_(
         _status_in(SAGAS.c.status, ACTIVE),
