@@ -56,11 +56,23 @@ BLOCKING = [
 ACTIVE = [s.value for s in ACTIVE_SAGA_STATUSES]
 EVENT_COLUMNS = ["saga_id", "seq", "kind", "step", "epoch", "payload", "created_at"]
 
-#: The fence: lock the saga row under the caller's epoch and take the next event number.
+
+
+def _numbered(prefix: str) -> Any:
+    """How many event numbers a write takes: ``<prefix>_events`` (default 1), or
+    ``<prefix>_events_if_cancelled`` (default 1) if the saga's cancellation was requested (a
+    step start that cancellation leaves out has no event)."""
+    return case((SAGAS.c.cancel_requested.is_(True),
+                 bindparam(f"{prefix}_events_if_cancelled", 1, type_=Integer)),
+                else_=bindparam(f"{prefix}_events", 1, type_=Integer))
+
+
+#: The fence: lock the saga row under the caller's epoch and take the numbers of the events
+#: its transaction inserts (``_numbered("f")``); returns the last one.
 FENCE = (
     update(SAGAS)
     .where(SAGAS.c.id == bindparam("f_id"), SAGAS.c.epoch == bindparam("f_epoch"))
-    .values(event_seq=SAGAS.c.event_seq + 1, updated_at=bindparam("f_now"))
+    .values(event_seq=SAGAS.c.event_seq + _numbered("f"), updated_at=bindparam("f_now"))
     .returning(SAGAS.c.event_seq, SAGAS.c.status, SAGAS.c.cancel_requested)
 )
 #: The fence without an event (writes outside the log: catalog, outbox).
@@ -78,6 +90,17 @@ NEXT_SEQ = (
     .returning(SAGAS.c.event_seq)
 )
 INSERT_EVENT = insert(EVENTS)
+
+
+@functools.cache
+def insert_events(count: int) -> Any:
+    """``count`` events in one INSERT; parameters ``<column>_<i>`` for ``i < count``."""
+    return insert(EVENTS).values([
+        {column: bindparam(f"{column}_{i}", type_=EVENTS.c[column].type)
+         for column in EVENT_COLUMNS}
+        for i in range(count)])
+
+
 RENEW_LEASE = (
     update(SAGAS)
     .where(SAGAS.c.id == bindparam("r_id"), SAGAS.c.epoch == bindparam("r_epoch"),
@@ -188,13 +211,14 @@ def claim_candidate(definitions: tuple[str, ...] | None) -> Select[Any]:
     return _oldest(pending.subquery("pending"), abandoned.subquery("abandoned"))
 
 
-#: Claim the candidate found by ``claim_candidate`` (compare-and-set on its epoch and status).
+#: Claim the candidate found by ``claim_candidate`` (compare-and-set on its epoch and status),
+#: taking the numbers of the events its transaction inserts (``_numbered("c")``).
 CLAIM = (
     update(SAGAS)
     .where(SAGAS.c.id == bindparam("c_id"), SAGAS.c.epoch == bindparam("c_epoch"),
            SAGAS.c.status == bindparam("c_status"))
     .values(status=bindparam("c_new_status"), epoch=SAGAS.c.epoch + 1,
-            attempts=SAGAS.c.attempts + 1, event_seq=SAGAS.c.event_seq + 1,
+            attempts=SAGAS.c.attempts + 1, event_seq=SAGAS.c.event_seq + _numbered("c"),
             lease_owner=bindparam("c_owner"), lease_expires_at=bindparam("c_until"),
             not_before=None, updated_at=bindparam("c_now"))
     .returning(*CLAIMED_COLUMNS)

@@ -14,7 +14,7 @@ import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
-from typing import Any, Concatenate, ParamSpec, TypeVar, cast
+from typing import Any, Concatenate, NamedTuple, ParamSpec, TypeVar, cast
 
 from sqlalchemy import Connection, CursorResult, Result, select, update
 from sqlalchemy.exc import IntegrityError
@@ -278,25 +278,27 @@ class StepLog:
                 return None
             saga_id, epoch, status, attempts = found.id, found.epoch, found.status, found.attempts
             new_status = SagaStatus.RUNNING if status == SagaStatus.PENDING else SagaStatus(status)
+            # A first claim starts the first step too (every saga has one: NewSaga).
+            first = status == SagaStatus.PENDING and attempts == 0
             claimed = run_on_driver(conn, sql.CLAIM, {
                 **params, "c_id": saga_id, "c_epoch": epoch, "c_status": status,
-                "c_new_status": new_status.value,
+                "c_new_status": new_status.value, "c_events": 2 if first else 1,
+                "c_events_if_cancelled": 1,
             }).first()
             if claimed is None:
                 return None
             payload: dict[str, Any] = {"owner": params["c_owner"], "attempts": attempts + 1}
             if new_status.value != status:
                 payload.update({"from": status, "to": new_status.value})
-            _insert_event(conn, saga_id, claimed.event_seq, epoch + 1, "claimed", None, payload,
-                          params["c_now"])
+            events = [_Event("claimed", None, payload)]
             steps = _step_records(conn, saga_id)
             started = None
-            if (status == SagaStatus.PENDING and attempts == 0 and not claimed.cancel_requested
-                    and steps):
+            if first and not claimed.cancel_requested:
                 start = StepStart(steps[0].step, steps[0].attempt + 1)
-                _start_step(conn, saga_id, epoch + 1, start, params["c_now"])
+                events.append(_start_step(conn, saga_id, start, params["c_now"]))
                 steps[0] = _started(steps[0])
                 started = start.step
+            _insert_events(conn, saga_id, claimed.event_seq, epoch + 1, params["c_now"], events)
         return Claim(saga_id, epoch + 1, new_status, attempts + 1, claimed.definition,
                      claimed.dataset, claimed.partition_date, claimed.request, claimed.manifest,
                      bool(claimed.cancel_requested), tuple(steps), started)
@@ -475,7 +477,9 @@ class StepLog:
             started = start is not None and row.logged == 2
         else:
             with self.db.writing() as conn:
-                seq, saga = _fence(conn, saga_id, epoch, now)
+                # Two events, unless cancellation leaves the start out.
+                last, saga = _fence(conn, saga_id, epoch, now, events=2, events_if_cancelled=(
+                    1 if start is not None and start.unless_cancelled else 2))
                 if start is None and saga.status != SagaStatus.RUNNING:
                     raise InvalidTransition(f"saga {saga_id}: {saga.status} -> succeeded")
                 cas = run_on_driver(conn, sql.step_cas(StepStatus.SUCCEEDED, names),
@@ -483,8 +487,10 @@ class StepLog:
                 if cas.rowcount != 1:
                     raise InvalidTransition(f"compare-and-set failed: {saga_id}/{step} -> "
                                             "succeeded")
-                _insert_event(conn, saga_id, seq, epoch, "step_succeeded", step, event, now)
-                started = _start_or_finish(conn, saga_id, epoch, saga, start, now)
+                following = _start_or_finish(conn, saga_id, epoch, saga, start, now)
+                _insert_events(conn, saga_id, last, epoch, now, [
+                    _Event("step_succeeded", step, event), *([following] if following else [])])
+                started = start is not None and following is not None
         if start is None:
             fault_point(f"saga.{SagaStatus.SUCCEEDED.value}")
         return started
@@ -586,13 +592,17 @@ def _lock(s: Session | Connection, saga_id: str, epoch: int, now: datetime) -> s
     return str(status)
 
 
-def _fence(conn: Connection, saga_id: str, epoch: int, now: datetime) -> tuple[int, SagaState]:
-    """Lock the saga row under the caller's epoch and take the next event number.
+def _fence(conn: Connection, saga_id: str, epoch: int, now: datetime, *, events: int = 1,
+           events_if_cancelled: int = 1) -> tuple[int, SagaState]:
+    """Lock the saga row under the caller's epoch and take the numbers of the next ``events``
+    events (``events_if_cancelled`` if the saga's cancellation was requested).
 
-    Returns that number and the saga's state; raises LostOwnership when a newer claim has
-    superseded the epoch. The caller's transaction must insert the event or roll back.
+    Returns the last number and the saga's state; raises LostOwnership when a newer claim has
+    superseded the epoch. The caller's transaction must insert the events or roll back.
     """
-    row = run_on_driver(conn, sql.FENCE, {"f_id": saga_id, "f_epoch": epoch, "f_now": now}).first()
+    row = run_on_driver(conn, sql.FENCE, {
+        "f_id": saga_id, "f_epoch": epoch, "f_now": now, "f_events": events,
+        "f_events_if_cancelled": events_if_cancelled}).first()
     if row is None:
         raise LostOwnership(f"saga {saga_id}: epoch {epoch} is no longer the owner")
     return row.event_seq, SagaState(SagaStatus(row.status), bool(row.cancel_requested))
@@ -611,9 +621,10 @@ def _saga_values(target: SagaStatus, now: datetime, error: str | None = None,
 
 
 def _start_or_finish(conn: Connection, saga_id: str, epoch: int, saga: SagaState,
-                     start: StepStart | None, now: datetime) -> bool:
-    """SQLite, in ``StepLog.advance``'s transaction: start the next step (True) or finish the
-    saga. A failed compare-and-set raises, which rolls the whole transaction back."""
+                     start: StepStart | None, now: datetime) -> _Event | None:
+    """SQLite, in ``StepLog.advance``'s transaction: start the next step or finish the saga,
+    and return the event to insert for it (None: cancellation left the start out). A failed
+    compare-and-set raises, which rolls the whole transaction back."""
     if start is None:
         values = _saga_values(SagaStatus.SUCCEEDED, now)
         names = tuple(sorted(values))
@@ -622,25 +633,22 @@ def _start_or_finish(conn: Connection, saga_id: str, epoch: int, saga: SagaState
             **{f"v_{name}": values[name] for name in names}})
         if cas.rowcount != 1:
             raise LostOwnership(f"compare-and-set failed: {saga_id}")
-        _append_event(conn, saga_id, epoch, "status", None, _SAGA_SUCCEEDED_EVENT, now)
-        return False
+        return _Event("status", None, _SAGA_SUCCEEDED_EVENT)
     if start.unless_cancelled and saga.cancel_requested:
-        return False
-    _start_step(conn, saga_id, epoch, start, now)
-    return True
+        return None
+    return _start_step(conn, saga_id, start, now)
 
 
-def _start_step(conn: Connection, saga_id: str, epoch: int, start: StepStart,
-                now: datetime) -> None:
-    """SQLite, in a transaction that holds the saga row: the ``step_started`` transition and
-    its event (a failed compare-and-set raises, rolling the transaction back)."""
+def _start_step(conn: Connection, saga_id: str, start: StepStart, now: datetime) -> _Event:
+    """SQLite, in a transaction that holds the saga row: the ``step_started`` transition, and
+    its event to insert (a failed compare-and-set raises, rolling the transaction back)."""
     values = start.values(now)
     cas = run_on_driver(conn, sql.step_cas(StepStatus.RUNNING, tuple(sorted(values))),
                         {"c_saga": saga_id, "c_step": start.step,
                          **{f"v_{name}": value for name, value in values.items()}})
     if cas.rowcount != 1:
         raise InvalidTransition(f"compare-and-set failed: {saga_id}/{start.step} -> running")
-    _append_event(conn, saga_id, epoch, "step_started", start.step, start.event(), now)
+    return _Event("step_started", start.step, start.event())
 
 
 def _started(record: StepRecord) -> StepRecord:
@@ -656,14 +664,32 @@ def _step_records(conn: Connection, saga_id: str) -> list[StepRecord]:
     ]
 
 
-def _append_event(conn: Session | Connection, saga_id: str, epoch: int, kind: str,
-                  step: str | None, payload: dict[str, Any], now: datetime) -> None:
+def _append_event(conn: Connection, saga_id: str, epoch: int, kind: str, step: str | None,
+                  payload: dict[str, Any], now: datetime) -> None:
     """Number and insert an event; the caller already holds the saga row's lock."""
-    if isinstance(conn, Connection):
-        seq = run_on_driver(conn, sql.NEXT_SEQ, {"f_id": saga_id}).rows[0][0]
-    else:
-        seq = conn.execute(sql.NEXT_SEQ, {"f_id": saga_id}).scalar_one()
+    seq = run_on_driver(conn, sql.NEXT_SEQ, {"f_id": saga_id}).rows[0][0]
     _insert_event(conn, saga_id, seq, epoch, kind, step, payload, now)
+
+
+class _Event(NamedTuple):
+    """An event to insert, before it is numbered."""
+
+    kind: str
+    step: str | None
+    payload: dict[str, Any]
+
+
+def _insert_events(conn: Connection, saga_id: str, last_seq: int, epoch: int, now: datetime,
+                   events: list[_Event]) -> None:
+    """Insert ``events`` in one statement, numbered up to ``last_seq`` (the caller took the
+    numbers: ``_fence`` or the claim)."""
+    first = last_seq - len(events) + 1
+    params: dict[str, Any] = {}
+    for i, event in enumerate(events):
+        params.update({f"saga_id_{i}": saga_id, f"seq_{i}": first + i, f"kind_{i}": event.kind,
+                       f"step_{i}": event.step, f"epoch_{i}": epoch,
+                       f"payload_{i}": event.payload, f"created_at_{i}": now})
+    run_on_driver(conn, sql.insert_events(len(events)), params)
 
 
 def _insert_event(conn: Session | Connection, saga_id: str, seq: int, epoch: int, kind: str,
