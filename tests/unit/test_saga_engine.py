@@ -1391,6 +1391,79 @@ def test_migration__event_seq_is_backfilled_from_the_events(tmp_path: Path) -> N
         db.dispose()
 
 
+def _error_of(db: Database, saga_id: str) -> str | None:
+    with db.reading() as conn:
+        return conn.scalar(text("SELECT error FROM sagas WHERE id = :id"), {"id": saga_id})
+
+
+def test_writing__driver_and_sqlalchemy_statements_share_one_transaction(
+    db: Database, step_log: StepLog
+) -> None:
+    """``Database.writing`` (on SQLite begun and ended on the driver): a statement on the driver
+    and one through SQLAlchemy in the same block commit together, and roll back together."""
+    from app.db.session import run_on_driver
+    from app.saga.statements import SAGAS
+
+    first, second = create(step_log), create(step_log)
+    on_driver = update(SAGAS).where(SAGAS.c.id == first).values(error="driver")
+    through_sqlalchemy = update(SAGAS).where(SAGAS.c.id == second).values(error="sqlalchemy")
+
+    with pytest.raises(RuntimeError, match="stop"), db.writing() as conn:
+        run_on_driver(conn, on_driver, {})
+        conn.execute(through_sqlalchemy)
+        raise RuntimeError("stop")
+    assert (_error_of(db, first), _error_of(db, second)) == (None, None)
+
+    with db.writing() as conn:
+        conn.execute(through_sqlalchemy)
+        run_on_driver(conn, on_driver, {})
+    assert (_error_of(db, first), _error_of(db, second)) == ("driver", "sqlalchemy")
+
+    with db.writing() as conn:  # the connection is usable again, on the driver alone
+        run_on_driver(conn, update(SAGAS).where(SAGAS.c.id == first).values(error="again"), {})
+    assert _error_of(db, first) == "again"
+
+
+@pytest.mark.parametrize("outer", ["driver", "sqlalchemy"])
+def test_writing__a_nested_sqlite_write_is_refused_and_leaves_the_outer_one_intact(
+    tmp_path: Path, outer: str
+) -> None:
+    """(On PostgreSQL each write has its own pooled connection: nothing to refuse.)"""
+    db = Database(f"sqlite:///{tmp_path / 'nested.db'}")
+    try:
+        with db.writing() as conn:
+            conn.exec_driver_sql("CREATE TABLE t (v TEXT)")
+        with db.writing() as conn:
+            insert = "INSERT INTO t VALUES ('outer')"
+            if outer == "driver":
+                conn.connection.dbapi_connection.execute(insert)  # type: ignore[union-attr]
+            else:
+                conn.exec_driver_sql(insert)
+            with pytest.raises(RuntimeError, match="already open"), db.writing():
+                pass
+        with db.reading() as conn:
+            assert conn.exec_driver_sql("SELECT v FROM t").scalars().all() == ["outer"]
+    finally:
+        db.dispose()
+
+
+def test_driver_statements__write_sqlite_timestamps_as_sqlalchemy_does() -> None:
+    """The saga log's own DATETIME processor on SQLite writes SQLAlchemy's text exactly."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy.dialects import sqlite
+
+    from app.db.session import _bind_processor
+
+    dialect = sqlite.dialect()
+    ours = _bind_processor(sqlite.DATETIME(), dialect)
+    theirs = sqlite.DATETIME().bind_processor(dialect)
+    assert ours is not None and theirs is not None and ours is not theirs
+    for value in (datetime(2026, 11, 27, 15, 30, 1, 250), datetime(2026, 1, 1),
+                  datetime(987, 6, 5, 4, 3, 2, 999999), datetime.now(UTC), date(2026, 2, 3), None):
+        assert ours(value) == theirs(value), value
+
+
 def test_reads__do_not_wait_for_a_sqlite_writer(db: Database, step_log: StepLog) -> None:
     if db.is_postgres:
         pytest.skip("PostgreSQL readers never wait for writers")
