@@ -14,6 +14,12 @@ per-transition latency is that of one persisted write (the claim with the first 
 a step's success with the next step's start or the saga's success), each its own transaction. sagaz and dbos:
 each of W processes runs N/W sagas (C in flight: asyncio tasks for sagaz, threads for dbos);
 sagas/s = N / (last end - go).
+
+The floor (SQLite, one saga in flight): the statements and transactions one lakesaga worker ran,
+recorded as its driver got them (SQL and bound values) in an unmeasured run, then replayed on a
+copy of the same database with Python's sqlite3 alone (its prepared-statement cache; no
+SQLAlchemy, no engine): what lakesaga's writes cost SQLite itself on this machine. The engine's
+rate over the floor's is the share of its time that is the database's.
 """
 
 from __future__ import annotations
@@ -22,6 +28,9 @@ import argparse
 import asyncio
 import json
 import os
+import pickle
+import shutil
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -64,6 +73,40 @@ def _await_go() -> float:
     if line.strip() != "go":
         sys.exit(f"expected go, got {line!r}")
     return time.time()
+
+
+def record_statements(recorded: list[tuple[str, Any]]) -> None:
+    """Append every saga-log statement this process runs, as its driver gets it (SQL and bound
+    values), to ``recorded``, with ``BEGIN IMMEDIATE``/``COMMIT`` around each write."""
+    from contextlib import contextmanager
+
+    from app.db import session
+    from app.db.session import Database
+    from app.saga import step_log
+
+    run = session.run_on_driver
+
+    def recording(connection: Any, statement: Any, params: dict[str, Any]) -> Any:
+        result = run(connection, statement, params)
+        compiled = session._driver_statements[(statement, connection.dialect.name)]
+        values = {**compiled.defaults, **params}
+        for name, process in compiled.bind_processors.items():
+            values[name] = process(values[name])
+        recorded.append((compiled.sql, values if compiled.positions is None
+                         else tuple(values[name] for name in compiled.positions)))
+        return result
+
+    writing = Database.writing
+
+    @contextmanager
+    def recorded_writing(self: Database) -> Any:
+        recorded.append(("BEGIN IMMEDIATE", ()))
+        with writing(self) as connection:
+            yield connection
+        recorded.append(("COMMIT", ()))
+
+    step_log.run_on_driver = recording
+    Database.writing = recorded_writing  # type: ignore[method-assign]
 
 
 def lakesaga_worker(a: argparse.Namespace) -> dict[str, Any]:
@@ -121,6 +164,9 @@ def lakesaga_worker(a: argparse.Namespace) -> dict[str, Any]:
 
     TimedStepLog.claim_next = claim_and_mark  # type: ignore[method-assign]
 
+    recorded: list[tuple[str, Any]] = []
+    if a.record:
+        record_statements(recorded)
     db = Database(a.url, idle_in_transaction_timeout_s=30.0)
     step_log = TimedStepLog(db)
     executor = Executor(step_log, {DEFINITION: NoopSaga},
@@ -149,8 +195,35 @@ def lakesaga_worker(a: argparse.Namespace) -> dict[str, Any]:
             t.join()
     end = time.time()
     db.dispose()
+    if a.record:
+        Path(a.record).write_bytes(pickle.dumps(recorded))
     return {"go": go, "end": end, "timings": timings, "saga_latency": saga_latency,
             "profile": profile_text}
+
+
+def floor_worker(a: argparse.Namespace) -> dict[str, Any]:
+    """Replay recorded statements (``--statements``) on the SQLite file ``--url`` with sqlite3
+    alone, set up as the saga log sets up its connections (``app.db.session``)."""
+    recorded: list[tuple[str, Any]] = pickle.loads(Path(a.statements).read_bytes())  # noqa: S301
+    connection = sqlite3.connect(a.url, isolation_level=None, cached_statements=256)
+    for pragma in ("journal_mode=WAL", "busy_timeout=60000", "foreign_keys=ON",
+                   "synchronous=NORMAL"):
+        connection.execute(f"PRAGMA {pragma}")
+    cursor = connection.cursor()
+    transactions: list[float] = []
+    go = _await_go()
+    began = 0.0
+    for sql, args in recorded:
+        if sql == "BEGIN IMMEDIATE":
+            began = time.perf_counter()
+        cursor.execute(sql, args)
+        if cursor.description:
+            cursor.fetchall()
+        if sql == "COMMIT":
+            transactions.append(time.perf_counter() - began)
+    end = time.time()
+    connection.close()
+    return {"go": go, "end": end, "timings": {"transaction": transactions}, "saga_latency": []}
 
 
 def sagaz_worker(a: argparse.Namespace) -> dict[str, Any]:
@@ -278,15 +351,18 @@ def dbos_worker(a: argparse.Namespace) -> dict[str, Any]:
 
 def worker_main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="orchestration.py _worker")
-    p.add_argument("engine", choices=("lakesaga", "sagaz", "dbos"))
+    p.add_argument("engine", choices=("lakesaga", "sagaz", "dbos", "floor"))
     p.add_argument("--url", required=True)
     p.add_argument("--count", type=int, default=0)
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--variant", default="")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--setup-only", action="store_true")
+    p.add_argument("--record", help="lakesaga: write the statements it ran to this file")
+    p.add_argument("--statements", help="floor: the recorded statements to replay")
     a = p.parse_args(argv)
-    fn = {"lakesaga": lakesaga_worker, "sagaz": sagaz_worker, "dbos": dbos_worker}[a.engine]
+    fn = {"lakesaga": lakesaga_worker, "sagaz": sagaz_worker, "dbos": dbos_worker,
+          "floor": floor_worker}[a.engine]
     print(json.dumps(fn(a)), flush=True)
 
 
@@ -296,12 +372,13 @@ def worker_main(argv: list[str]) -> None:
 
 
 def run_workers(engine: str, url: str, procs: int, counts: list[int], concurrency: int,
-                variant: str = "", profile: bool = False) -> list[dict[str, Any]]:
+                variant: str = "", profile: bool = False, extra: tuple[str, ...] = (),
+                ) -> list[dict[str, Any]]:
     """Start the workers, release them together, collect their JSON."""
     children = []
     for count in counts:
         cmd = [sys.executable, __file__, "_worker", engine, "--url", url, "--count", str(count),
-               "--concurrency", str(concurrency), "--variant", variant]
+               "--concurrency", str(concurrency), "--variant", variant, *extra]
         if profile:
             cmd.append("--profile")
         children.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,  # noqa: S603
@@ -350,30 +427,46 @@ def summarize(engine: str, storage: str, procs: int, concurrency: int, n: int, e
     }
 
 
-def bench_lakesaga(backend: str, procs: int, a: argparse.Namespace) -> dict[str, Any]:
-    from sqlalchemy import func, select
-
+def saga_log(backend: str) -> str:
+    """A new, migrated saga log for lakesaga's workers; its URL."""
     from app.db.migrate import upgrade
-    from app.db.models import SagaEventRow, SagaRow
-    from app.db.session import Database
-    from app.saga.step_log import NewSaga, StepLog
 
     if backend == "postgres":
         url = harness.recreate_pg_database("bench_orchestration")
     else:
-        path = harness.fresh_dir(harness.WORK / "orchestration") / "sagas.db"
-        url = f"sqlite:///{path}"
+        url = f"sqlite:///{harness.fresh_dir(harness.WORK / 'orchestration') / 'sagas.db'}"
     upgrade(url)
+    return url
+
+
+def create_sagas(url: str, n: int) -> float:
+    """Create ``n`` pending no-op sagas; returns the seconds it took."""
+    from app.db.session import Database
+    from app.saga.step_log import NewSaga, StepLog
+
     db = Database(url)
     log = StepLog(db)
     base = date(2000, 1, 1)
     t = time.perf_counter()
-    for i in range(a.sagas):  # one partition each: FIFO per partition would serialize them
+    for i in range(n):  # one partition each: FIFO per partition would serialize them
         log.create_saga(NewSaga(id=str(uuid.uuid4()), definition=DEFINITION, dataset="noop",
                                 partition_date=base + timedelta(days=i), request={"i": i},
                                 manifest={"files": []}, request_fingerprint="", idempotency_key=None,
                                 steps=STEPS))
-    create_s = time.perf_counter() - t
+    elapsed = time.perf_counter() - t
+    db.dispose()
+    return elapsed
+
+
+def bench_lakesaga(backend: str, procs: int, a: argparse.Namespace) -> dict[str, Any]:
+    from sqlalchemy import func, select
+
+    from app.db.models import SagaEventRow, SagaRow
+    from app.db.session import Database
+
+    url = saga_log(backend)
+    create_s = create_sagas(url, a.sagas)
+    db = Database(url)
     results = run_workers("lakesaga", url, procs, [0] * procs, a.concurrency)
     with db.sessions() as s:
         done = s.scalar(select(func.count()).where(SagaRow.status == "succeeded"))
@@ -411,30 +504,49 @@ def bench_dbos(procs: int, a: argparse.Namespace) -> dict[str, Any]:
                      ("step",), 7.0, transition_is="one step call (its output recorded)")
 
 
+def bench_floor(a: argparse.Namespace) -> dict[str, Any]:
+    """The SQLite floor of one lakesaga worker with one saga in flight (see the module
+    docstring): record its statements in an unmeasured run, replay them on a copy of the log."""
+    url = saga_log("sqlite")
+    create_sagas(url, a.sagas)
+    path = Path(url.removeprefix("sqlite:///"))
+    replayed = path.with_name("replayed.db")
+    shutil.copy(path, replayed)  # create_sagas closed every connection: no WAL is left
+    statements = path.with_name("statements.pickle")
+    run_workers("lakesaga", url, 1, [0], 1, extra=("--record", str(statements)))
+    recorded = pickle.loads(statements.read_bytes())  # noqa: S301
+    (result,) = run_workers("floor", str(replayed), 1, [0], 1,
+                            extra=("--statements", str(statements)))
+    commits = sum(1 for sql, _ in recorded if sql == "COMMIT")
+    return summarize("sqlite3", "lakesaga's SQL (floor)", 1, 1, a.sagas,
+                     result["end"] - result["go"], [result], ("transaction",), commits / a.sagas,
+                     statements_per_saga=(len(recorded) - 2 * commits) / a.sagas)
+
+
 def profile_lakesaga(backend: str, a: argparse.Namespace, quick: bool) -> Path:
-    from app.db.migrate import upgrade
-    from app.saga.step_log import NewSaga, StepLog
-
-    if backend == "postgres":
-        url = harness.recreate_pg_database("bench_orchestration")
-    else:
-        url = f"sqlite:///{harness.fresh_dir(harness.WORK / 'orchestration') / 'sagas.db'}"
-    upgrade(url)
-    from app.db.session import Database
-
-    db = Database(url)
-    log = StepLog(db)
-    for i in range(a.sagas):
-        log.create_saga(NewSaga(id=str(uuid.uuid4()), definition=DEFINITION, dataset="noop",
-                                partition_date=date(2000, 1, 1) + timedelta(days=i),
-                                request={"i": i}, manifest={"files": []}, request_fingerprint="",
-                                idempotency_key=None, steps=STEPS))
-    db.dispose()
+    url = saga_log(backend)
+    create_sagas(url, a.sagas)
     (result,) = run_workers("lakesaga", url, 1, [0], 1, profile=True)
     harness.RESULTS.mkdir(parents=True, exist_ok=True)
     path = harness.RESULTS / f"orchestration-profile-{backend}{'.quick' if quick else ''}.txt"
     path.write_text(result["profile"])
     return path
+
+
+def floor_share(result: dict[str, Any]) -> str | None:
+    """A sentence on lakesaga's one-in-flight rate against its SQLite floor, if both ran."""
+    configs = result["configs"]
+    engine = [c for c in configs if (c["engine"], c["storage"], c["procs"], c["concurrency"])
+              == ("lakesaga", "sqlite", 1, 1)]
+    floor = [c for c in configs if c["engine"] == "sqlite3"]
+    if not (engine and floor):
+        return None
+    lk, fl = engine[0], floor[0]
+    return (f"lakesaga's no-op saga with one in flight ran at {lk['sagas_per_s']:,.0f} sagas/s, "
+            f"{lk['sagas_per_s'] / fl['sagas_per_s']:.0%} of its SQLite floor "
+            f"({fl['sagas_per_s']:,.0f} sagas/s for the same {fl['statements_per_saga']:.0f} "
+            f"statements in {fl['writes_per_saga']:.0f} transactions per saga): the rest of its "
+            "time per saga is Python, the engine's and SQLAlchemy's.")
 
 
 def render(result: dict[str, Any]) -> str:
@@ -490,6 +602,7 @@ def main() -> None:
         one = argparse.Namespace(**{**vars(a), "concurrency": 1})
         if "sqlite" in a.backends.split(","):
             report(bench_lakesaga("sqlite", 1, one))
+            report(bench_floor(one))
         if "sagaz" in peers:
             report(bench_sagaz("as shipped", 1, one))
     profiles = {}

@@ -216,9 +216,16 @@ def render(quick: bool) -> str:
                 "saga's time in the worker. lakesaga sagas are created beforehand (creation "
                 "rate in the last column) and claimed by the workers; sagaz *as shipped* persists "
                 "a saga at its start and end only, *per-step* adds a listener that upserts it "
-                "after every step. The last two rows have one saga in flight (one thread, one "
-                "task): each engine's own cost per saga, without interleaving.", "",
+                "after every step. The rows with one saga in flight (one thread, one task) give "
+                "each engine's own cost per saga, without interleaving. *sqlite3 (floor)*: the "
+                "statements and transactions of the lakesaga row above it, recorded as its "
+                "driver got them in an unmeasured run and replayed on a copy of the same log by "
+                "Python's sqlite3 alone (no SQLAlchemy, no engine): what lakesaga's writes cost "
+                "SQLite itself; its *transition* is one transaction.", "",
                 orchestration.render(orch), ""]
+        floor = orchestration.floor_share(orch)
+        if floor:
+            out += [floor, ""]
         for backend, path in orch.get("profiles", {}).items():
             out.append(f"- profile of one lakesaga worker (1 thread) on {backend}: `{path}`")
         out.append("")
