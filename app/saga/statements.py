@@ -57,7 +57,6 @@ ACTIVE = [s.value for s in ACTIVE_SAGA_STATUSES]
 EVENT_COLUMNS = ["saga_id", "seq", "kind", "step", "epoch", "payload", "created_at"]
 
 
-
 def _numbered(prefix: str) -> Any:
     """How many event numbers a write takes: ``<prefix>_events`` (default 1), or
     ``<prefix>_events_if_cancelled`` (default 1) if the saga's cancellation was requested (a
