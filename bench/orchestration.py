@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import pickle
@@ -517,6 +518,10 @@ def bench_floor(a: argparse.Namespace) -> dict[str, Any]:
     recorded = pickle.loads(statements.read_bytes())  # noqa: S301
     (result,) = run_workers("floor", str(replayed), 1, [0], 1,
                             extra=("--statements", str(statements)))
+    with contextlib.closing(sqlite3.connect(replayed)) as check:
+        done = check.execute("SELECT count(*) FROM sagas WHERE status = 'succeeded'").fetchone()[0]
+    if done != a.sagas:  # the replay did not do a whole run's work
+        raise RuntimeError(f"floor: {done} of {a.sagas} sagas succeeded in the replayed log")
     commits = sum(1 for sql, _ in recorded if sql == "COMMIT")
     return summarize("sqlite3", "lakesaga's SQL (floor)", 1, 1, a.sagas,
                      result["end"] - result["go"], [result], ("transaction",), commits / a.sagas,
