@@ -90,11 +90,7 @@ def record_statements(recorded: list[tuple[str, Any]]) -> None:
     def recording(connection: Any, statement: Any, params: dict[str, Any]) -> Any:
         result = run(connection, statement, params)
         compiled = session._driver_statements[(statement, connection.dialect.name)]
-        values = {**compiled.defaults, **params}
-        for name, process in compiled.bind_processors.items():
-            values[name] = process(values[name])
-        recorded.append((compiled.sql, values if compiled.positions is None
-                         else tuple(values[name] for name in compiled.positions)))
+        recorded.append((compiled.sql, compiled.arguments(params)))
         return result
 
     writing = Database.writing

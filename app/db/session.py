@@ -155,6 +155,18 @@ class _DriverStatement:
                    frozenset(name for name, bind in compiled.binds.items()
                              if bind.required and name in compiled.params))
 
+    def arguments(self, params: dict[str, Any]) -> Any:
+        """``params`` as the driver takes them: with the statement's defaults, through the type
+        processors, in ``positions`` order for a positional driver."""
+        missing = self.required.difference(params)
+        if missing:
+            raise exc.ArgumentError(f"no value for the parameters {sorted(missing)}")
+        values = {**self.defaults, **params}
+        for name, process in self.bind_processors.items():
+            values[name] = process(values[name])
+        return values if self.positions is None else tuple(
+            values[name] for name in self.positions)
+
 
 def _bind_processor(impl: Any, dialect: Dialect) -> Callable[[Any], Any] | None:
     """SQLAlchemy's bind processor of a type, but for SQLite's DATETIME in its default storage
@@ -163,13 +175,12 @@ def _bind_processor(impl: Any, dialect: Dialect) -> Callable[[Any], Any] | None:
     if (process is None or not isinstance(impl, SQLITE_DATETIME)
             or impl._storage_format != SQLITE_DATETIME._storage_format):
         return cast("Callable[[Any], Any] | None", process)
-    general = process
 
     def sqlite_datetime(value: Any) -> Any:
         # The default format has no zone, and always six digits of microseconds.
         if type(value) is datetime and value.tzinfo is None:
             return value.isoformat(" ", "microseconds")
-        return general(value)
+        return process(value)
 
     return sqlite_datetime
 
@@ -201,14 +212,7 @@ def run_on_driver(connection: Connection, statement: ClauseElement,
     compiled = _driver_statements.get(key)
     if compiled is None:
         compiled = _driver_statements[key] = _DriverStatement.compile(statement, dialect)
-    missing = compiled.required.difference(params)
-    if missing:
-        raise exc.ArgumentError(f"no value for the parameters {sorted(missing)}")
-    values = {**compiled.defaults, **params}
-    for name, process in compiled.bind_processors.items():
-        values[name] = process(values[name])
-    args: Any = values if compiled.positions is None else tuple(
-        values[name] for name in compiled.positions)
+    args = compiled.arguments(params)
     dbapi_connection: Any = connection.connection.dbapi_connection
     cursor = dbapi_connection.cursor()
     try:

@@ -694,9 +694,8 @@ def _insert_events(conn: Connection, saga_id: str, last_seq: int, epoch: int, no
 
 def _insert_event(conn: Session | Connection, saga_id: str, seq: int, epoch: int, kind: str,
                   step: str | None, payload: dict[str, Any], now: datetime) -> None:
-    values = {"saga_id": saga_id, "seq": seq, "kind": kind, "step": step, "epoch": epoch,
-              "payload": payload, "created_at": now}
     if isinstance(conn, Connection):
-        run_on_driver(conn, sql.INSERT_EVENT, values)
-    else:
-        conn.execute(sql.INSERT_EVENT, values)
+        _insert_events(conn, saga_id, seq, epoch, now, [_Event(kind, step, payload)])
+        return
+    conn.execute(sql.INSERT_EVENT, {"saga_id": saga_id, "seq": seq, "kind": kind, "step": step,
+                                    "epoch": epoch, "payload": payload, "created_at": now})

@@ -1391,11 +1391,6 @@ def test_migration__event_seq_is_backfilled_from_the_events(tmp_path: Path) -> N
         db.dispose()
 
 
-def _error_of(db: Database, saga_id: str) -> str | None:
-    with db.reading() as conn:
-        return conn.scalar(text("SELECT error FROM sagas WHERE id = :id"), {"id": saga_id})
-
-
 def test_writing__driver_and_sqlalchemy_statements_share_one_transaction(
     db: Database, step_log: StepLog
 ) -> None:
@@ -1412,16 +1407,17 @@ def test_writing__driver_and_sqlalchemy_statements_share_one_transaction(
         run_on_driver(conn, on_driver, {})
         conn.execute(through_sqlalchemy)
         raise RuntimeError("stop")
-    assert (_error_of(db, first), _error_of(db, second)) == (None, None)
+    assert (saga(step_log, first).error, saga(step_log, second).error) == (None, None)
 
     with db.writing() as conn:
         conn.execute(through_sqlalchemy)
         run_on_driver(conn, on_driver, {})
-    assert (_error_of(db, first), _error_of(db, second)) == ("driver", "sqlalchemy")
+    assert saga(step_log, first).error == "driver"
+    assert saga(step_log, second).error == "sqlalchemy"
 
     with db.writing() as conn:  # the connection is usable again, on the driver alone
         run_on_driver(conn, update(SAGAS).where(SAGAS.c.id == first).values(error="again"), {})
-    assert _error_of(db, first) == "again"
+    assert saga(step_log, first).error == "again"
 
 
 @pytest.mark.parametrize("outer", ["driver", "sqlalchemy"])
