@@ -25,8 +25,8 @@ from sqlalchemy import select
 
 from app.db.models import CatalogPartitionRow, OutboxRow, SagaEventRow, SagaRow, SagaStepRow
 from app.db.session import Database
-from app.lakehouse.bronze import sha256_file
 from app.lakehouse.duck import LAKE, Lake, first_row
+from app.lakehouse.pinned import sha256_file
 from app.lakehouse.pipeline import DatasetSpec
 from app.lakehouse.tables import bronze_table, gold_table, silver_table
 from app.saga.states import ALLOWED_SAGA_TRANSITIONS, SagaStatus

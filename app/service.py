@@ -93,6 +93,7 @@ class Service:
                 poll_interval_s=s.poll_interval_s,
                 max_saga_attempts=s.max_saga_attempts,
                 step_retry=RetryPolicy(s.step_max_attempts, s.step_backoff_s),
+                step_timeout_s=s.step_timeout_s,
             ),
         )
         self.executor.start()

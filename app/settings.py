@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     step_max_attempts: int = Field(default=4, ge=1)
     #: First backoff between step retries; doubles each time, with jitter.
     step_backoff_s: float = Field(default=0.2, ge=0)
+    #: A step running longer than this is taken as stuck: its lease is no longer renewed, so
+    #: another worker takes the saga over (0 = no limit).
+    step_timeout_s: float = Field(default=3600.0, ge=0)
 
     #: Largest number of files and bytes one saga may ingest.
     max_source_files: int = Field(default=10_000, ge=1)
@@ -77,6 +80,10 @@ class Settings(BaseSettings):
     #: Files up to this total size are hashed when the saga is accepted; larger sources are
     #: hashed by bronze on first read and verified on any re-read.
     hash_at_accept_max_bytes: int = Field(default=256 * 1024**2, ge=0)
+    #: Largest number of bytes (gzip files counted decompressed) and rows one saga may ingest:
+    #: a small compressed file can hold far more than ``max_source_bytes`` suggests.
+    max_ingest_bytes: int = Field(default=50 * 1024**3, ge=1)
+    max_ingest_rows: int = Field(default=1_000_000_000, ge=1)
 
     #: Memory budget of a worker process (e.g. ``4GB``, ``1536MiB``; empty = DuckDB's default,
     #: 80 % of RAM, for DuckDB alone). DuckDB's own ``memory_limit`` bounds only its buffer

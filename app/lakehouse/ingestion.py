@@ -19,6 +19,7 @@ from app.db.session import Database
 from app.lakehouse import bronze, gold, silver
 from app.lakehouse.catalog import current_entries, replace_entries
 from app.lakehouse.duck import Lake, commit_tag, snapshot_of
+from app.lakehouse.pinned import PinnedSources
 from app.lakehouse.pipeline import DatasetSpec, load_datasets
 from app.lakehouse.tables import (
     bronze_table,
@@ -105,17 +106,19 @@ class LakehouseIngestionSaga(Saga):
         spec = self.spec(ctx)
         cur = self.services.lake.cursor()
         ensure_tables(cur, spec)
-        root = self.services.settings.source_root
+        settings = self.services.settings
         known = dict((ctx.checkpoint or {}).get("sha256", {}))
-        hashes = bronze.verify_manifest(root, dict(ctx.manifest), known)
-        if hashes != known:
-            ctx.save_checkpoint({"sha256": hashes})
-        ctx.ensure_owner()
-        files = [f["path"] for f in ctx.manifest["files"]]
-        result = bronze.ingest(
-            cur, spec, root=root, files=files, fmt=ctx.manifest["format"],
-            partition_date=ctx.partition_date.isoformat(), saga_id=ctx.saga_id, tag=self._tag(ctx),
-        )
+        # Every file stays open from its verification to the commit: DuckDB reads those bytes.
+        with PinnedSources(settings.source_root, dict(ctx.manifest), known,
+                           max_ingest_bytes=settings.max_ingest_bytes) as sources:
+            if sources.hashes != known:
+                ctx.save_checkpoint({"sha256": sources.hashes})
+            ctx.ensure_owner()
+            result = bronze.ingest(
+                cur, spec, sources, fmt=ctx.manifest["format"], max_rows=settings.max_ingest_rows,
+                partition_date=ctx.partition_date.isoformat(), saga_id=ctx.saga_id,
+                tag=self._tag(ctx),
+            )
         return {**result, "snapshot_id": _snapshot(self.services.lake, self._tag(ctx)),
                 "batch_id": ctx.saga_id, "source": ctx.request["source"]["path"]}
 

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from app.lakehouse.bronze import map_on_cores, sha256_file
+from app.lakehouse.pinned import map_on_cores, sha256_file
 
 FORMATS = ("json", "csv", "parquet")
 _GLOB_CHARS = set("*?[]{}")
@@ -183,6 +183,10 @@ def _entry(root: Path, match: Path) -> dict[str, Any] | None:
         # DuckDB expands file lists as globs: such a name would read other files.
         raise SourceError(f"{_relative_name(root, match)}: paths must not contain "
                           "glob characters (* ? [ ] { })")
+    if relative.endswith(".zst"):
+        # Bronze reads gzip only, counting what it decompresses to (LAKESAGA_MAX_INGEST_BYTES).
+        raise SourceError(f"{_relative_name(root, match)}: zstd-compressed files are not "
+                          "supported; use gzip (.gz) or uncompressed files")
     try:
         relative.encode("utf-8")
     except UnicodeEncodeError:

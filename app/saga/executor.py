@@ -41,6 +41,9 @@ class ExecutorConfig:
     #: Backoff before a saga is claimed again after a step past the pivot failed, or after a
     #: step kept failing transiently (an outage).
     after_pivot_retry_s: float = 5.0
+    #: A step's own work running longer than this is taken as stuck: its lease is no longer
+    #: renewed (``LeaseKeeper``). 0: no limit.
+    step_timeout_s: float = 0.0
 
 
 def describe_error(exc: BaseException) -> str:
@@ -123,12 +126,24 @@ class SagaRunner:
         ``<point>`` and ``<point>.before_record``, outside the executor's turn."""
         with self._outside_turn():
             fault_point(point)
-            with owner_check(self._ensure_owner):
+            with owner_check(self._ensure_owner), self._step_deadline():
                 result = run()
             # The record that follows is fenced by the epoch; a lost lease stops the step sooner.
             self._check_lease()
             fault_point(f"{point}.before_record")
         return result
+
+    @contextlib.contextmanager
+    def _step_deadline(self) -> Iterator[None]:
+        """Tell the heartbeat when the step running in the block counts as stuck."""
+        if self.lease is None or not self.config.step_timeout_s:
+            yield
+            return
+        self.lease.step_deadline = time.monotonic() + self.config.step_timeout_s
+        try:
+            yield
+        finally:
+            self.lease.step_deadline = None
 
     def _wait_to_retry(self, tries: int) -> None:
         with self._outside_turn():

@@ -6,6 +6,11 @@ database stayed unreachable until a third of a TTL before the lease ends — is 
 the step running under it stops at its next ownership check, before another worker may claim
 the saga. The thread exits when it finds nothing to renew and is started again by the next
 claim, so an idle executor holds no thread.
+
+A step past its deadline (``ExecutorConfig.step_timeout_s``) gets its lease no longer renewed:
+a step that cannot make progress (a read that never returns) must not keep its saga forever.
+The lease runs out, another worker claims the saga (counted towards its poison limit), and the
+stuck step, should it ever return, stops at its ownership check.
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ class Lease:
         self.lost = threading.Event()
         #: ``time.monotonic()`` at which the lease ends unless renewed.
         self.ends_at = time.monotonic() + ttl_s
+        #: ``time.monotonic()`` after which the running step counts as stuck (None: no step
+        #: runs, or it has no deadline); set by the runner around each step's work.
+        self.step_deadline: float | None = None
 
 
 class LeaseKeeper:
@@ -84,6 +92,13 @@ class LeaseKeeper:
         if lease.lost.is_set():
             return
         started = time.monotonic()
+        deadline = lease.step_deadline
+        if deadline is not None and started > deadline:
+            log.warning("saga %s: its step has run past LAKESAGA_STEP_TIMEOUT_S; the lease is "
+                        "no longer renewed and another worker will take the saga over",
+                        lease.saga_id)
+            lease.lost.set()
+            return
         try:
             renewed = self._log.renew_lease(lease.saga_id, lease.epoch, self._owner, self._ttl_s)
         except Exception as exc:  # the database may be restarting: keep trying until the lease ends

@@ -170,6 +170,12 @@ def test_limits__double_star_depth(root: Path) -> None:
     assert "deeper than" in _refused(root, "**/x.ndjson")
 
 
+def test_names__zstd_files_are_refused_at_accept(root: Path) -> None:
+    (root / "z").mkdir()
+    (root / "z" / "events.ndjson.zst").write_bytes(b"\x28\xb5\x2f\xfd")
+    assert "z/events.ndjson.zst: zstd-compressed files are not supported" in _refused(root, "z/*")
+
+
 def test_names__glob_characters_and_non_utf8_are_refused(root: Path) -> None:
     (root / "g").mkdir()
     (root / "g" / "ev[1].ndjson").write_text("{}\n")

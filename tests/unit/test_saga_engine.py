@@ -918,6 +918,31 @@ def test_heartbeat__keeps_the_lease_during_a_long_step(step_log: StepLog, script
     assert row.status == SagaStatus.SUCCEEDED and row.epoch == 1
 
 
+def test_heartbeat__stops_renewing_a_step_past_its_deadline(
+    step_log: StepLog, script: Script
+) -> None:
+    """A step that cannot make progress (a read that never returns) loses its lease: another
+    worker may claim the saga, and the stuck step, once it returns, records nothing."""
+    config = ExecutorConfig(step_retry=CONFIG.step_retry, lease_ttl_s=HEARTBEAT_TTL_S,
+                            step_timeout_s=0.2)
+    saga_id = create(step_log)
+    renewed: list[bool] = []
+    thief_claims: list[object] = []
+
+    def stuck(ctx: StepContext) -> None:
+        renewed.append(outlive_the_claimed_lease(step_log, ctx.saga_id))
+        thief_claims.append(step_log.claim_next("thief", lease_ttl_s=30))
+
+    script.hooks["a"] = stuck
+    make_executor(step_log, script, config).run_once()
+
+    assert renewed == [False]
+    assert thief_claims[0] is not None
+    row = saga(step_log, saga_id)
+    assert row.lease_owner == "thief" and row.epoch == 2
+    assert step_statuses(step_log, saga_id)["a"] == "running"  # the stuck try recorded nothing
+
+
 def test_stop__says_whether_the_running_step_finished_in_time(
     step_log: StepLog, script: Script
 ) -> None:

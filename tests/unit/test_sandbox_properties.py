@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from app.lakehouse import silver
-from app.lakehouse.bronze import SourceChanged, verify_manifest
+from app.lakehouse.pinned import SourceChanged, verify_manifest
 from app.lakehouse.pipeline import IDENTIFIER, SpecError, check_identifier, quote
 from app.lakehouse.sources import SourceError, check_pattern, resolve_manifest
 from app.lakehouse.spec_sql import SpecSQLError, allowed_functions, check_aggregation, check_rule
