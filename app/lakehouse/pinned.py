@@ -231,7 +231,7 @@ class PinnedSources:
             raise SourceChanged(f"source file {name} changed after the saga was accepted "
                                 f"(size {entry['size']} -> {info.st_size})")
         digest = hashlib.sha256()
-        inflate = _Inflater(self._over_bytes) if compression_of(name) == "gzip" else None
+        inflate = _Inflater(name, self._over_bytes) if compression_of(name) == "gzip" else None
         offset = 0
         while chunk := os.pread(pinned.fd, _CHUNK, offset):
             offset += len(chunk)
@@ -279,27 +279,35 @@ class _Inflater:
     """Counts the bytes a gzip stream (members one after another, as DuckDB reads them)
     decompresses to, without ever holding more than a chunk of them."""
 
-    def __init__(self, over: Callable[[], Exception]) -> None:
+    def __init__(self, name: str, over: Callable[[], Exception]) -> None:
+        self._name = name
         self._z = zlib.decompressobj(16 + zlib.MAX_WBITS)
         self._over = over
+        self._member_started = False
         self.total = 0
 
     def feed(self, data: bytes, limit: int | None) -> None:
         while data:
+            self._member_started = True
             try:
                 out = self._z.decompress(data, _CHUNK)
             except zlib.error as exc:
-                raise PermanentError(f"a gzip source file is corrupt: {exc}") from None
+                raise PermanentError(f"source file {self._name} is not valid gzip: "
+                                     f"{exc}") from None
             self.total += len(out)
             if limit is not None and self.total > limit:
                 raise self._over()
             if self._z.eof:
                 data = self._z.unused_data
                 self._z = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                self._member_started = False
             else:
                 data = self._z.unconsumed_tail
 
     def finish(self) -> int:
+        if self._member_started and not self._z.eof:
+            raise PermanentError(f"source file {self._name} is not valid gzip: it ends "
+                                 "before its compressed stream does")
         return self.total
 
 

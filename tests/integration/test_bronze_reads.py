@@ -18,6 +18,10 @@ import duckdb
 import pytest
 from lakesaga_live import PARTITION, Live
 
+from app.lakehouse.pinned import IngestLimitExceeded, PinnedSources, SourceChanged
+from app.lakehouse.sources import resolve_manifest
+from app.saga.errors import PermanentError
+
 VERIFIED = "ingest_to_bronze.after_checkpoint"
 
 
@@ -160,3 +164,39 @@ def test_bronze__malformed_file_error_names_it_relative_to_the_source_root(live:
     assert saga["status"] == "compensated", saga
     assert "bad/broken.ndjson" in saga["error"], saga["error"]
     _no_server_paths(live, saga)
+
+
+def _pinned(root: Path, name: str, **limits: int) -> PinnedSources:
+    manifest = resolve_manifest(root, name, "json", max_files=10, max_bytes=10**7,
+                                hash_max_bytes=10**7)
+    return PinnedSources(root, manifest, {}, **limits)
+
+
+def test_pinned__write_into_the_verified_file_is_caught_before_commit(tmp_path: Path) -> None:
+    """The descriptor pins the inode, not its content: a write into it (even with the mtime
+    put back) changes its ctime, and ``check`` refuses the read."""
+    source = tmp_path / "a.ndjson"
+    source.write_bytes(b'{"event_id": "a"}\n')
+    with _pinned(tmp_path, "a.ndjson") as pinned:
+        pinned.check()
+        info = source.stat()
+        time.sleep(0.01)
+        with open(source, "r+b") as fh:
+            fh.write(b'{"event_id": "b"}\n')
+        os.utime(source, ns=(info.st_atime_ns, info.st_mtime_ns))
+        with pytest.raises(SourceChanged, match="source file a.ndjson was modified while bronze"):
+            pinned.check()
+
+
+def test_pinned__gzip_is_counted_decompressed_across_members(tmp_path: Path) -> None:
+    (tmp_path / "a.ndjson.gz").write_bytes(gzip.compress(b"x" * 1000) + gzip.compress(b"y" * 500))
+    with _pinned(tmp_path, "a.ndjson.gz", max_ingest_bytes=1500) as pinned:
+        assert pinned.files[0].decompressed_bytes == 1500
+    with pytest.raises(IngestLimitExceeded, match="more than 1499 bytes"):
+        _pinned(tmp_path, "a.ndjson.gz", max_ingest_bytes=1499).__enter__()
+
+
+def test_pinned__truncated_gzip_names_the_file(tmp_path: Path) -> None:
+    (tmp_path / "t.ndjson.gz").write_bytes(gzip.compress(b"x" * 100_000, mtime=0)[:-20])
+    with pytest.raises(PermanentError, match="source file t.ndjson.gz is not valid gzip"):
+        _pinned(tmp_path, "t.ndjson.gz").__enter__()
