@@ -427,3 +427,21 @@ def test_access_log__never_carries_the_query_string(live: Live,
     assert len(lines) == 2, lines
     assert all('"GET /sagas?[redacted] HTTP/1.1"' in line for line in lines), lines
     assert canary not in caplog.text
+
+
+def test_retry__by_the_owner_is_recorded_in_the_event(live_factory: Callable[..., Live]) -> None:
+    live = live_factory(faults="aggregate_to_gold=raise,delete_silver_partition=raise",
+                        step_max_attempts=1, max_saga_attempts=1)
+    live.generate(records=50, files=1)
+    owner = _key(live, "write")
+    saga_id = live.client.post("/sagas", headers=_bearer(owner), json={
+        "dataset": "clickstream", "partition_date": PARTITION,
+        "source": {"path": f"clickstream/{PARTITION}/*.ndjson"}}).json()["id"]
+    assert live.wait(saga_id)["status"] == "failed"
+    _problem(live.client.post(f"/sagas/{saga_id}/retry", headers=_bearer(_key(live, "write"))),
+             403)
+    retried = live.client.post(f"/sagas/{saga_id}/retry", headers=_bearer(owner))
+    assert retried.status_code == 202, retried.text
+    events = live.client.get(f"/sagas/{saga_id}/events").json()["items"]
+    assert [e["payload"]["by"] for e in events if e["kind"] == "status"
+            and e["payload"].get("reason") == "retry requested"] == [_key_id(owner)]
