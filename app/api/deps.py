@@ -1,5 +1,6 @@
 """Dependencies of the routes, as Annotated aliases: the service, the caller's API key (with the
-scope the route needs and its rate limit), and the Idempotency-Key header.
+scope the route needs, its rate limit and the failed-authentication limits of the client
+address and key id), and the Idempotency-Key header.
 
 They are coroutines, run on the event loop. FastAPI would run a plain ``def`` dependency in the
 thread pool, and a hop to a thread and back costs about 0.4 ms of CPU on two vCPUs (wake-ups,
