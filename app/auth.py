@@ -17,6 +17,7 @@ import re
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -30,6 +31,7 @@ from app.saga.step_log import rowcount, utcnow
 SCOPES = ("read", "write", "admin")
 _IMPLIED = {"read": {"read"}, "write": {"read", "write"}, "admin": {"read", "write", "admin"}}
 _TOKEN = re.compile(r"lsk_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
+_KEY_ID = re.compile(r"lsk_([0-9a-f]{16})_")
 #: Compared against when the key id is unknown, so that the answer takes the same time.
 _DUMMY_HASH = hashlib.sha256(b"no such key").hexdigest()
 
@@ -122,24 +124,43 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat() + "Z" if value else None
 
 
-class RateLimiter:
-    """A token bucket per key, in this process: ``rate`` requests/s, bursts up to ``burst``."""
+def key_id_of(token: str) -> str | None:
+    """The key id a token names, if it has the shape of one (whatever its secret)."""
+    match = _KEY_ID.match(token)
+    return match.group(1) if match else None
 
-    def __init__(self, rate: float, burst: int) -> None:
-        self.rate, self.burst = rate, max(1, burst)
-        self._buckets: dict[str, tuple[float, float]] = {}
+
+class RateLimiter:
+    """A token bucket per key, in this process: ``rate`` requests/s, bursts up to ``burst``.
+
+    At most ``max_keys`` buckets are kept (the least recently used is forgotten first), so
+    that callers inventing keys (client addresses, key ids) cannot grow it without bound.
+    """
+
+    def __init__(self, rate: float, burst: int, max_keys: int = 100_000) -> None:
+        self.rate, self.burst, self.max_keys = rate, max(1, burst), max_keys
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
         self._lock = threading.Lock()
 
     def take(self, key: str) -> float | None:
         """Spend one token; None if allowed, else the seconds until one is available."""
+        return self._tokens(key, spend=True)
+
+    def wait_s(self, key: str) -> float | None:
+        """The seconds until ``key`` has a token again, without spending one; None if it has."""
+        return self._tokens(key, spend=False)
+
+    def _tokens(self, key: str, *, spend: bool) -> float | None:
         if self.rate <= 0:
             return None
         now = time.monotonic()
         with self._lock:
             tokens, last = self._buckets.get(key, (float(self.burst), now))
             tokens = min(float(self.burst), tokens + (now - last) * self.rate)
-            if tokens < 1:
-                self._buckets[key] = (tokens, now)
-                return (1 - tokens) / self.rate
-            self._buckets[key] = (tokens - 1, now)
-            return None
+            wait_s = (1 - tokens) / self.rate if tokens < 1 else None
+            if spend or key in self._buckets:
+                self._buckets[key] = (tokens - 1 if spend and wait_s is None else tokens, now)
+                self._buckets.move_to_end(key)
+                if len(self._buckets) > self.max_keys:
+                    self._buckets.popitem(last=False)
+            return wait_s

@@ -30,8 +30,9 @@ console = Console(highlight=False, soft_wrap=True)
 
 
 def _logging() -> None:
-    logging.basicConfig(level=get_settings().log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from app.logs import configure_logging
+
+    configure_logging(get_settings().log_level)
 
 
 @cli.command()
@@ -55,6 +56,7 @@ def serve(host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0
     from uvicorn.supervisors import Multiprocess
 
     from app.db.migrate import upgrade
+    from app.logs import uvicorn_log_config
 
     _logging()
     settings = get_settings()
@@ -69,11 +71,12 @@ def serve(host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0
     count = processes or settings.serve_processes
     log_level = settings.log_level.lower()
     if count == 1:
-        uvicorn.run("app.cli:serve_app", factory=True, host=host, port=port, log_level=log_level)
+        uvicorn.run("app.cli:serve_app", factory=True, host=host, port=port, log_level=log_level,
+                    log_config=uvicorn_log_config())
         return
     # uvicorn.run with workers=N exits 0 when the processes fail to start: supervise here.
     config = uvicorn.Config("app.cli:serve_app", factory=True, host=host, port=port,
-                            log_level=log_level, workers=count)
+                            log_level=log_level, log_config=uvicorn_log_config(), workers=count)
     listener = config.bind_socket()
     # bind_socket() leaves proto at 0, and asyncio enables TCP_NODELAY only on accepted sockets
     # whose proto is TCP: without it every keep-alive response waits ~40 ms on Nagle and a

@@ -78,11 +78,13 @@ def create_app(settings: Settings | None = None, *, run_workers: bool = True,
 
 
 API_DESCRIPTION = """Every operation except `/healthz` and `/readyz` needs an API key (`Authorization: Bearer
-lsk_...`, created with `lakesaga keys create`). Scopes: `read` for GETs, `write` to submit,
-cancel and retry sagas, `admin` to manage consumers; `write` includes `read`, `admin` includes
-both. Errors are `application/problem+json` (RFC 9457). Limits: request bodies over
+lsk_...`, created with `lakesaga keys create`). Scopes: `read` for GETs, `write` to submit
+sagas and cancel or retry its own, `admin` to manage consumers, see their URLs in full and
+cancel or retry any saga; `write` includes `read`, `admin` includes both. Errors are
+`application/problem+json` (RFC 9457). Limits: request bodies over
 `LAKESAGA_MAX_REQUEST_BYTES` are 413; each key has a request rate and a number of unfinished
-sagas it may have (429 with `Retry-After`). `POST /sagas` honours `Idempotency-Key`.
+sagas it may have, and failed authentications are limited per client and per key id (429 with
+`Retry-After`). `POST /sagas` honours `Idempotency-Key`.
 """
 
 

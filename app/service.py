@@ -9,7 +9,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import secrets
 import uuid
 from datetime import date, datetime
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 from sqlalchemy import BigInteger, Select, and_, bindparam, cast, delete, func, or_, select
 from sqlalchemy.exc import IntegrityError
 
-from app.auth import RateLimiter
+from app.auth import Principal, RateLimiter
 from app.db.migrate import upgrade
 from app.db.models import ConsumerRow, SagaRow, SagaStepRow
 from app.db.session import Database, run_on_driver
@@ -28,7 +27,8 @@ from app.lakehouse.ingestion import LakehouseIngestionSaga
 from app.lakehouse.pipeline import DatasetSpec, load_datasets
 from app.lakehouse.sources import SourceError, resolve_manifest
 from app.notify.outbox import deliveries_for_saga
-from app.notify.urls import UnsafeUrl, check_webhook_url
+from app.notify.signing import InvalidSecret, check_supplied, new_secret, standard_form
+from app.notify.urls import UnsafeUrl, check_webhook_url, redact_url
 from app.saga.executor import Executor, ExecutorConfig
 from app.saga.retry import RetryPolicy
 from app.saga.states import FINISHED_SAGA_STATUSES, SagaStatus, StepStatus
@@ -63,6 +63,9 @@ class Service:
         self.watch = SagaWatch()
         self.log.on_change = self.watch.changed
         self.rate_limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
+        #: Failed authentications, per ``client:<address>`` and per ``key:<key id>``.
+        self.auth_failures = RateLimiter(settings.auth_failure_rate_per_s,
+                                         settings.auth_failure_burst)
         self.executor: Executor | None = None
         self._saga_query = _saga_query(self.db.is_postgres)
         self._dispatcher: Any = None
@@ -77,8 +80,10 @@ class Service:
         from app.lakehouse.duck import Lake
         from app.lakehouse.ingestion import LakehouseServices
         from app.lakehouse.tables import ensure_tables
+        from app.logs import quiet_http_clients
         from app.notify.webhooks import Dispatcher
 
+        quiet_http_clients()  # the dispatcher's httpx would log each delivery's full URL
         s = self.settings
         self._lake = Lake(s)
         for spec in self.datasets.values():
@@ -253,26 +258,31 @@ class Service:
         if self.log.get(saga_id) is None:
             raise Problem(404, "Saga not found", f"no saga with id {saga_id!r}")
 
-    def cancel(self, saga_id: str) -> dict[str, Any]:
+    def cancel(self, saga_id: str, caller: Principal) -> dict[str, Any]:
+        """Ask a saga to stop and compensate, for its owner or an admin; the event names the
+        key that asked."""
         row = self.log.get(saga_id)
         if row is None:
             raise Problem(404, "Saga not found", f"no saga with id {saga_id!r}")
+        _check_may_change(row, caller, "cancel")
         if row.status not in (SagaStatus.PENDING, SagaStatus.RUNNING):
             raise Problem(409, "Saga not cancellable", f"saga is {row.status}")
         pivot = next(s for s in self.log.steps(saga_id) if s.step == LakehouseIngestionSaga.pivot)
         if pivot.status == "succeeded":
             raise Problem(409, "Saga not cancellable",
                           "the catalog is already updated (past the point of no return)")
-        self.log.request_cancel(saga_id)
+        self.log.request_cancel(saga_id, by=caller.key_id)
         if self.executor is not None:
             self.executor.wake()
         return self.saga(saga_id)
 
-    def retry(self, saga_id: str) -> dict[str, Any]:
+    def retry(self, saga_id: str, caller: Principal) -> dict[str, Any]:
+        """Resume the compensation of a failed saga, for its owner or an admin."""
         row = self.log.get(saga_id)
         if row is None:
             raise Problem(404, "Saga not found", f"no saga with id {saga_id!r}")
-        if not self.log.retry_failed(saga_id):
+        _check_may_change(row, caller, "retry")
+        if not self.log.retry_failed(saga_id, by=caller.key_id):
             raise Problem(409, "Saga not retryable",
                           f"only a failed saga can be retried; this one is {row.status}")
         if self.executor is not None:
@@ -298,7 +308,11 @@ class Service:
             check_webhook_url(body["url"], self.settings.webhook_allow_hosts)
         except UnsafeUrl as exc:
             raise Problem(422, "Unsafe webhook URL", str(exc)) from exc
-        secret = body.get("secret") or secrets.token_urlsafe(32)
+        secret = body.get("secret") or new_secret()
+        try:
+            check_supplied(secret)
+        except InvalidSecret as exc:
+            raise Problem(422, "Invalid webhook secret", str(exc)) from exc
         row = ConsumerRow(id=str(uuid.uuid4()), name=body["name"], dataset=spec.name,
                           url=body["url"], secret=secret, created_at=utcnow())
         try:
@@ -308,14 +322,19 @@ class Service:
             raise Problem(409, "Consumer exists",
                           f"dataset {spec.name} already has a consumer named {body['name']!r}",
                           ) from exc
-        return {**_consumer_view(row), "secret": secret}
+        return {**_consumer_view(row), "secret": standard_form(secret)}
 
-    def consumers(self, dataset: str | None) -> list[dict[str, Any]]:
+    def consumers(self, dataset: str | None, *, full_urls: bool) -> list[dict[str, Any]]:
+        """Registered consumers; their URLs in full only with ``full_urls`` (admin callers),
+        else without path and query (which may carry a capability token)."""
         query = select(ConsumerRow).order_by(ConsumerRow.dataset, ConsumerRow.name)
         if dataset:
             query = query.where(ConsumerRow.dataset == dataset)
         with self.db.read_sessions() as s:
-            return [_consumer_view(r) for r in s.scalars(query)]
+            views = [_consumer_view(r) for r in s.scalars(query)]
+        if not full_urls:
+            views = [{**view, "url": redact_url(view["url"])} for view in views]
+        return views
 
     def remove_consumer(self, consumer_id: str) -> None:
         with self.db.transaction() as s:
@@ -323,11 +342,18 @@ class Service:
         if rowcount(result) == 0:
             raise Problem(404, "Consumer not found", f"no consumer with id {consumer_id!r}")
 
-    def ready(self) -> None:
-        from sqlalchemy import text
+    @property
+    def attached_lake(self) -> Any:
+        """The lake if this process attached it (``start_workers``), else None."""
+        return self._lake
 
-        with self.db.reading() as conn:
-            conn.execute(text("SELECT 1"))
+
+def _check_may_change(row: SagaRow, caller: Principal, action: str) -> None:
+    """Only a saga's owner (the key that submitted it) or an admin key may cancel or retry it.
+    403 rather than 404: every reader may see the saga, so its existence is no secret."""
+    if row.owner != caller.key_id and not caller.allows("admin"):
+        raise Problem(403, "Forbidden", f"only the API key that submitted this saga, or an "
+                      f"admin key, may {action} it")
 
 
 def _consumer_view(row: ConsumerRow) -> dict[str, Any]:

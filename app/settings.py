@@ -103,6 +103,11 @@ class Settings(BaseSettings):
     rate_limit_per_s: float = Field(default=100.0, ge=0)
     rate_limit_burst: int = Field(default=200, ge=1)
     max_active_sagas_per_key: int = Field(default=100, ge=0)
+    #: Failed authentications (a wrong, unknown, revoked or malformed key) allowed per client
+    #: address and per key id in each process: a burst, then this many per second (0 = no
+    #: limit); beyond, 429 with Retry-After.
+    auth_failure_rate_per_s: float = Field(default=1.0, ge=0)
+    auth_failure_burst: int = Field(default=20, ge=1)
 
     #: ``lakesaga serve``: API processes sharing the port, and whether each also runs the saga
     #: executor and webhook dispatcher (``--processes``, ``--workers/--no-workers``).

@@ -1,5 +1,6 @@
 """Dependencies of the routes, as Annotated aliases: the service, the caller's API key (with the
-scope the route needs and its rate limit), and the Idempotency-Key header.
+scope the route needs, its rate limit and the failed-authentication limits of the client
+address and key id), and the Idempotency-Key header.
 
 They are coroutines, run on the event loop. FastAPI would run a plain ``def`` dependency in the
 thread pool, and a hop to a thread and back costs about 0.4 ms of CPU on two vCPUs (wake-ups,
@@ -17,7 +18,7 @@ from typing import Annotated
 from fastapi import Depends, Header, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from app.auth import Principal, authenticate
+from app.auth import Principal, authenticate, key_id_of
 from app.errors import Problem
 from app.service import Service
 
@@ -39,9 +40,13 @@ Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 def require(scope: str) -> Callable[..., Awaitable[Principal]]:
     """A dependency admitting callers whose key holds ``scope``, within their rate limit."""
 
-    async def caller(service: ServiceDep, credentials: Credentials) -> Principal:
+    async def caller(request: Request, service: ServiceDep, credentials: Credentials) -> Principal:
+        client = f"client:{request.client.host if request.client else ''}"
+        _refuse_if_over(service.auth_failures.wait_s(client))
         principal = authenticate(service.db, credentials.credentials) if credentials else None
         if principal is None:
+            if "authorization" in request.headers:
+                _count_failure(service, client, credentials)
             raise Problem(401, "Unauthorized", "a valid API key is required: "
                           "Authorization: Bearer <key> (create one with `lakesaga keys create`)",
                           headers={"WWW-Authenticate": "Bearer"})
@@ -57,6 +62,29 @@ def require(scope: str) -> Callable[..., Awaitable[Principal]]:
 
     caller.__name__ = f"require_{scope}"
     return caller
+
+
+def _count_failure(service: Service, client: str,
+                   credentials: HTTPAuthorizationCredentials | None) -> None:
+    """Spend a failed authentication of the client address and of the key id the token names.
+
+    The client's limit refuses all its requests (before any lookup) until it refills. A key
+    id's limit only turns its failures into 429: the id is public, so refusing the right
+    secret because others sent wrong ones would let anyone lock the key out.
+    """
+    key_id = key_id_of(credentials.credentials) if credentials else None
+    waits = [service.auth_failures.take(client)]
+    if key_id is not None:
+        waits.append(service.auth_failures.take(f"key:{key_id}"))
+    _refuse_if_over(max((w for w in waits if w is not None), default=None))
+
+
+def _refuse_if_over(wait_s: float | None) -> None:
+    if wait_s is not None:
+        raise Problem(429, "Too many failed authentications",
+                      "too many requests with a wrong API key from this client or for this key "
+                      "id; check the key (`lakesaga keys list`) and retry later",
+                      headers={"Retry-After": str(max(1, math.ceil(wait_s)))})
 
 
 MAX_IDEMPOTENCY_KEY = 255
@@ -83,5 +111,6 @@ async def idempotency_key(
 require_read, require_write, require_admin = (require(s) for s in ("read", "write", "admin"))
 #: For ``dependencies=[...]`` of routes that only need the check.
 READ, WRITE, ADMIN = (Depends(r) for r in (require_read, require_write, require_admin))
+ReadKey = Annotated[Principal, Depends(require_read)]
 WriteKey = Annotated[Principal, Depends(require_write)]
 IdempotencyKeyDep = Annotated[str | None, Depends(idempotency_key)]

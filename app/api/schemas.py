@@ -154,23 +154,41 @@ class ConsumerCreate(BaseModel):
     url: str = Field(min_length=8, max_length=2048, examples=["https://hooks.example.com/lake"])
     secret: str | None = Field(default=None, min_length=16, max_length=200,
                                pattern=r"^[\x21-\x7e]+$",
-                               description="HMAC key for `webhook-signature`; generated if omitted.")
+                               description="HMAC key for `webhook-signature`: a Standard "
+                               "Webhooks secret (`whsec_` + base64 of at least 16 bytes), or any "
+                               "other string, whose UTF-8 bytes are then the key; generated if "
+                               "omitted.")
 
 
 class Consumer(BaseModel):
     id: str
     name: str
     dataset: str
-    url: str
+    url: str = Field(description="In full to `admin` keys; to others only its scheme, host and "
+                                 "port (`https://hooks.example.com/…`): a path or query may "
+                                 "carry a capability token.")
     created_at: str | None
 
 
 class ConsumerCreated(Consumer):
-    secret: str = Field(description="Shown once: verify `webhook-signature` with it.")
+    secret: str = Field(description="Shown once, in the Standard Webhooks form (`whsec_` + "
+                        "base64 of the key): verify `webhook-signature` with it, e.g. "
+                        "`standardwebhooks.Webhook(secret).verify(body, headers)`.")
 
 
 class Health(BaseModel):
     status: str
+
+
+class ReadinessCheck(BaseModel):
+    ok: bool
+    detail: str
+
+
+class Readiness(BaseModel):
+    status: str = Field(description="`ready`")
+    checks: dict[str, ReadinessCheck] = Field(
+        description="`database`, `executor` and `lake`, each with `ok` and a `detail`.")
 
 
 class ProblemDetail(BaseModel):

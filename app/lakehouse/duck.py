@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import socket
+import tempfile
 import threading
 import time
 import uuid
@@ -324,6 +325,24 @@ class Lake:
         row = first_row((cur or self.cursor()).execute(f"SELECT id FROM {LAKE}.current_snapshot()"))
         assert row is not None
         return int(row[0])
+
+    def problem(self) -> str | None:
+        """Why the lake cannot take writes now, or None: the catalog is attached read-write and
+        a file can be created in the data directory. Cheap (no catalog read, no commit), for
+        readiness probes; the message names no path."""
+        with contextlib.closing(self.con.cursor()) as cur:
+            row = first_row(cur.execute("SELECT readonly FROM duckdb_databases() "
+                                        "WHERE database_name = ?", [LAKE]))
+        if row is None:
+            return "the lake catalog is not attached"
+        if row[0]:
+            return "the lake catalog is attached read-only"
+        try:
+            with tempfile.TemporaryFile(dir=self.data_path) as probe:
+                probe.write(b"\0")
+        except OSError as exc:
+            return f"the lake data directory is not writable ({exc.strerror or type(exc).__name__})"
+        return None
 
     def close(self) -> None:
         self.con.close()

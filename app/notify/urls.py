@@ -158,3 +158,18 @@ def check_webhook_url(url: str, allow_hosts: list[str], *, resolve: bool = True)
 def _not_public(host: str) -> str:
     return (f"webhook host {host!r} is or resolves to a non-public address; "
             "an operator can allow it with LAKESAGA_WEBHOOK_ALLOW_HOSTS")
+
+
+def redact_url(url: str) -> str:
+    """The URL as shown to callers that may not see it in full: scheme, host and port; its
+    path and query replaced by ``…``; they may carry a token."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    hidden = parts.path.strip("/") or parts.query or parts.fragment
+    return f"{parts.scheme}://{host}" + (f":{port}" if port else "") + ("/…" if hidden else "/")

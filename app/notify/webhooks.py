@@ -11,9 +11,6 @@ dispatchers (threads or processes) never deliver the same row at the same time.
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import json
 import logging
 import random
@@ -29,17 +26,13 @@ from sqlalchemy import select, update
 from app.db.models import ConsumerRow, OutboxRow
 from app.db.session import Database
 from app.faults import fault_point
+from app.notify.signing import sign
 from app.notify.urls import UnsafeUrl, WebhookTarget, resolve_webhook_target
 from app.saga.step_log import utcnow
 
 log = logging.getLogger("lakesaga.webhooks")
 MAX_RESPONSE_BYTES = 64 * 1024
 MAX_RETRY_AFTER_S = 3600.0
-
-
-def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
-    mac = hmac.new(secret.encode(), f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256)
-    return "v1," + base64.b64encode(mac.digest()).decode()
 
 
 def pinned_request(client: httpx.Client, target: WebhookTarget, address: str | None,

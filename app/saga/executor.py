@@ -424,6 +424,10 @@ class Executor:
         """Look for work now (called after a saga is submitted in this process)."""
         self._wake.set()
 
+    def workers_alive(self) -> tuple[int, int]:
+        """(worker threads alive, worker threads configured), for readiness probes."""
+        return sum(t.is_alive() for t in self._threads), self.config.concurrency
+
     def stop(self, timeout_s: float = 30.0) -> bool:
         """Stop claiming and wait for the running sagas' current steps; False if a thread was
         still running one after ``timeout_s`` (its lease runs out and the saga resumes)."""

@@ -535,11 +535,11 @@ class StepLog:
             _insert_event(conn, saga_id, seq, epoch, kind, step, payload, now)
 
     @_announces
-    def retry_failed(self, saga_id: str) -> bool:
+    def retry_failed(self, saga_id: str, by: str = "") -> bool:
         """Send a ``failed`` saga back to ``compensating`` with a fresh attempt budget.
 
-        An operator action: no epoch is held, the next claim fences off anything older.
-        False when the saga is not ``failed``.
+        An operator action (``by``: the API key id asking, recorded in the event): no epoch is
+        held, the next claim fences off anything older. False when the saga is not ``failed``.
         """
         now = utcnow()
         with self.db.writing() as conn:
@@ -557,12 +557,13 @@ class StepLog:
                 return False
             _insert_event(conn, saga_id, row.event_seq, row.epoch, "status", None,
                           {"from": SagaStatus.FAILED.value, "to": SagaStatus.COMPENSATING.value,
-                           "reason": "retry requested"}, now)
+                           "reason": "retry requested", "by": by}, now)
         return True
 
     @_announces
-    def request_cancel(self, saga_id: str) -> SagaRow | None:
-        """Flag a saga for cancellation; its owner compensates it at the next step boundary."""
+    def request_cancel(self, saga_id: str, by: str = "") -> SagaRow | None:
+        """Flag a saga for cancellation; its owner compensates it at the next step boundary.
+        ``by`` (the API key id asking) is recorded in the ``cancel_requested`` event."""
         now = utcnow()
         with self.db.transaction() as s:
             flagged = s.execute(
@@ -573,7 +574,7 @@ class StepLog:
             ).first()
             if flagged is not None:
                 _insert_event(s, saga_id, flagged.event_seq, flagged.epoch, "cancel_requested",
-                              None, {}, now)
+                              None, {"by": by}, now)
             return s.get(SagaRow, saga_id)
 
 

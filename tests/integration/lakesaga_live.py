@@ -18,6 +18,7 @@ from sqlalchemy import func, select
 
 from app.db.models import CatalogPartitionRow, ConsumerRow, OutboxRow, SagaEventRow, SagaRow, SagaStepRow
 from app.lakehouse.generator import GeneratedDataset, generate_clickstream
+from app.logs import uvicorn_log_config
 from app.main import create_app
 from app.service import Service
 from app.settings import Settings
@@ -136,7 +137,8 @@ def serve(service: Service) -> tuple[uvicorn.Server, threading.Thread, int]:
     sock.bind(("127.0.0.1", 0))
     port = int(sock.getsockname()[1])
     server = uvicorn.Server(uvicorn.Config(create_app(service=service), host="127.0.0.1",
-                                           port=port, log_level="warning"))
+                                           port=port, log_level="warning",
+                                           log_config=uvicorn_log_config()))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]},
                               name=f"uvicorn-{port}", daemon=True)
     thread.start()

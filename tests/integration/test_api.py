@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 from lakesaga_live import PARTITION, TERMINAL, Live, WebhookReceiver
+from standardwebhooks import Webhook, WebhookVerificationError
 
 PROBLEM = "application/problem+json"
 
@@ -307,10 +308,9 @@ def test_post_saga__success_notifies_each_consumer_once_signed(
         assert request.headers["webhook-id"] == delivery["idempotency_key"]
         timestamp = request.headers["webhook-timestamp"]
         assert abs(int(timestamp) - time.time()) < 60
-        mac = hmac.new(consumer["secret"].encode(),
-                       f"{delivery['idempotency_key']}.{timestamp}.".encode() + request.body,
-                       hashlib.sha256)
-        assert request.headers["webhook-signature"] == "v1," + base64.b64encode(mac.digest()).decode()
+        # a stock Standard Webhooks verifier accepts it with the secret POST /consumers returned
+        assert consumer["secret"].startswith("whsec_")
+        assert Webhook(consumer["secret"]).verify(request.body, request.headers) == request.json()
         payload = request.json()
         assert payload["saga_id"] == saga["id"] and payload["partition_date"] == PARTITION
         assert payload["event"] == "partition.ready" == delivery["event"]
@@ -530,15 +530,45 @@ def test_post_saga__idempotency_key_replays_or_rejects(live: Live) -> None:
 # -- 7. consumers ---------------------------------------------------------------------------------
 
 
+def test_webhook_signature__plain_secrets_sign_as_before_and_verify_as_standard_webhooks(
+        live: Live, webhook_receiver: WebhookReceiver) -> None:
+    live.generate()
+    plain = "plain-secret-" + "p" * 20  # a consumer registered with its own, non-whsec secret
+    created = _register(live, "legacy", f"{webhook_receiver.url}/legacy", secret=plain)
+    assert created["secret"] == "whsec_" + base64.b64encode(plain.encode()).decode()
+    given = "whsec_" + base64.b64encode(os.urandom(32)).decode()
+    standard = _register(live, "standard", f"{webhook_receiver.url}/standard", secret=given)
+    assert standard["secret"] == given
+    short = live.client.post("/consumers", json={"name": "short", "dataset": "clickstream",
+                                                 "url": f"{webhook_receiver.url}/short",
+                                                 "secret": "whsec_MTIzNDU2Nzg="})  # 8 bytes
+    _assert_problem(short, 422, "at least 16 bytes")
+
+    saga = live.wait(live.submit().json()["id"])
+    live.wait_deliveries(saga["id"], 2)
+    received = {r.path: r for r in webhook_receiver.received()}
+    legacy, fresh = received["/legacy"], received["/standard"]
+    # what an existing consumer verifies with (HMAC keyed by its plain secret) still holds...
+    msg = f"{legacy.headers['webhook-id']}.{legacy.headers['webhook-timestamp']}.".encode()
+    mac = hmac.new(plain.encode(), msg + legacy.body, hashlib.sha256).digest()
+    assert legacy.headers["webhook-signature"] == "v1," + base64.b64encode(mac).decode()
+    # ...and a stock verifier accepts both, with the secrets POST /consumers returned
+    Webhook(created["secret"]).verify(legacy.body, legacy.headers)
+    Webhook(given).verify(fresh.body, fresh.headers)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(given).verify(legacy.body, legacy.headers)
+
+
 def test_post_consumer__loopback_allowed_only_by_allow_list(live: Live) -> None:
     created = _register(live, "local", "http://127.0.0.1:9/hook", secret="s" * 24)
-    assert created["secret"] == "s" * 24
+    assert created["secret"] == "whsec_" + base64.b64encode(b"s" * 24).decode()
     assert created["url"] == "http://127.0.0.1:9/hook"
 
     listed = live.client.get("/consumers")
     assert listed.status_code == 200
     assert listed.json() == [{k: v for k, v in created.items() if k != "secret"}]
     assert "secret" not in listed.text and "s" * 24 not in listed.text
+    assert created["secret"] not in listed.text
     assert live.client.get("/consumers", params={"dataset": "other"}).json() == []
     duplicate = live.client.post("/consumers", json={"name": "local", "dataset": "clickstream",
                                                      "url": "http://127.0.0.1:9/other"})
@@ -584,4 +614,34 @@ def test_post_consumer__internal_url_rejected_without_allow_list(
 def test_healthz__ok(live: Live) -> None:
     assert live.client.get("/healthz").json() == {"status": "ok"}
     resp = live.client.get("/readyz")
-    assert resp.status_code == 200 and resp.json() == {"status": "ready"}
+    assert resp.status_code == 200 and resp.json()["status"] == "ready"
+
+
+def test_readyz__names_each_check_and_is_503_when_one_fails(live: Live) -> None:
+    ready = live.client.get("/readyz")
+    assert ready.status_code == 200, ready.text
+    checks = ready.json()["checks"]
+    assert set(checks) == {"database", "executor", "lake"}
+    assert all(check["ok"] for check in checks.values()), checks
+    assert checks["executor"]["detail"] == "2 of 2 worker threads alive"
+
+    data = live.settings.lake_dir / "data"
+    data.rename(data.with_name("data.moved"))
+    data.write_text("a file where the lake's data directory was")
+    try:
+        broken = live.client.get("/readyz")
+        body = _assert_problem(broken, 503, "lake")
+        assert broken.headers["retry-after"] == "2"
+        assert not body["checks"]["lake"]["ok"] and body["checks"]["database"]["ok"]
+        assert "not writable" in body["checks"]["lake"]["detail"]
+        assert str(live.settings.lake_dir) not in broken.text  # no server path
+    finally:
+        data.unlink()
+        data.with_name("data.moved").rename(data)
+    assert live.client.get("/readyz").status_code == 200
+
+    assert live.service.executor is not None
+    assert live.service.executor.stop(timeout_s=10)
+    stopped = _assert_problem(live.client.get("/readyz"), 503, "executor")
+    assert stopped["checks"]["executor"] == {"ok": False, "detail": "0 of 2 worker threads alive"}
+    assert stopped["checks"]["lake"]["ok"]

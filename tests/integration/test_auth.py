@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import subprocess
@@ -80,6 +81,10 @@ def _secret(token: str) -> str:
     return token[len("lsk_") + 16 + 1:]
 
 
+def _key_id(token: str) -> str:
+    return token[len("lsk_"):len("lsk_") + 16]
+
+
 def _key(live: Live, *scopes: str) -> str:
     return create_key(live.service.db, f"k-{'-'.join(scopes)}", list(scopes))[0]
 
@@ -93,7 +98,9 @@ def anonymous(live: Live) -> Iterator[httpx.Client]:
 # -- authentication -------------------------------------------------------------------------------
 
 
-def test_every_route_but_health__requires_a_key(live: Live, anonymous: httpx.Client) -> None:
+def test_every_route_but_health__requires_a_key(live_factory: Callable[..., Live]) -> None:
+    live = live_factory(auth_failure_burst=1000)  # ~40 wrong keys from one client, on purpose
+    anonymous = httpx.Client(base_url=live.base_url, timeout=30)
     routes = _routes()
     guarded = [(m, p) for m, p in routes if p not in OPEN_PATHS]
     # the walk is not vacuous: it reaches the API's main operations and the schema
@@ -109,6 +116,7 @@ def test_every_route_but_health__requires_a_key(live: Live, anonymous: httpx.Cli
             assert resp.headers["www-authenticate"] == "Bearer"
     for path in OPEN_PATHS:
         assert anonymous.get(path).status_code == 200
+    anonymous.close()
 
 
 def test_every_route_but_health__depends_on_a_scope_check() -> None:
@@ -332,3 +340,108 @@ def test_active_saga_limit__is_429_per_key(live_factory: Callable[..., Live]) ->
     assert again.status_code == 202, again.text
     for saga in (other, again):
         assert live.wait(saga.json()["id"])["status"] == "succeeded"
+
+
+# -- who may do what ------------------------------------------------------------------------------
+
+
+def test_cancel_and_retry__only_by_the_owner_or_an_admin(live_factory: Callable[..., Live]) -> None:
+    live = live_factory(faults="ingest_to_bronze=sleep:1500")  # sagas stay cancellable a while
+    live.generate()
+    owner, other = _key(live, "write"), _key(live, "write")
+    owner_id = _key_id(owner)
+    body = {"dataset": "clickstream", "partition_date": PARTITION,
+            "source": {"path": f"clickstream/{PARTITION}/*.ndjson"}}
+    first, second = (live.client.post("/sagas", headers=_bearer(owner), json=body).json()["id"]
+                     for _ in range(2))
+
+    for action in ("cancel", "retry"):
+        refused = live.client.post(f"/sagas/{first}/{action}", headers=_bearer(other))
+        assert f"may {action} it" in _problem(refused, 403)["detail"]
+    # the owner passes the check (retry is then judged on the saga's state: not failed)
+    _problem(live.client.post(f"/sagas/{first}/retry", headers=_bearer(owner)), 409)
+    cancelled = live.client.post(f"/sagas/{first}/cancel", headers=_bearer(owner))
+    assert cancelled.status_code == 202, cancelled.text
+    # an admin key may cancel anyone's saga (live.client sends one)
+    assert live.client.post(f"/sagas/{second}/cancel").status_code == 202
+    admin_id = _key_id(live.token)
+
+    for saga_id, by in ((first, owner_id), (second, admin_id)):
+        assert live.wait(saga_id)["status"] == "compensated"
+        events = live.client.get(f"/sagas/{saga_id}/events").json()["items"]
+        assert [e["payload"] for e in events if e["kind"] == "cancel_requested"] == [{"by": by}]
+
+
+def test_consumer_urls__in_full_to_admin_keys_only(live: Live) -> None:
+    url = "http://127.0.0.1:9/hooks/lake?token=capability-0123"
+    created = live.client.post("/consumers", json={"name": "c", "dataset": "clickstream",
+                                                   "url": url})
+    assert created.status_code == 201, created.text
+    assert created.headers["cache-control"] == "no-store"  # it carries the secret
+    listed = live.client.get("/consumers")  # an admin key
+    assert listed.json()[0]["url"] == url and listed.headers["cache-control"] == "no-store"
+    for scopes in (["read"], ["write"]):
+        redacted = live.client.get("/consumers", headers=_bearer(_key(live, *scopes)))
+        assert redacted.status_code == 200, redacted.text
+        assert redacted.json()[0]["url"] == "http://127.0.0.1:9/…", scopes
+        assert "capability" not in redacted.text and "hooks" not in redacted.text
+
+
+def test_failed_authentications__are_limited_per_client_and_per_key_id(
+        live_factory: Callable[..., Live]) -> None:
+    live = live_factory(auth_failure_burst=5, auth_failure_rate_per_s=0.01)
+    token, info = create_key(live.service.db, "attacked", ["read"])
+    wrong = f"lsk_{info['id']}_" + "W" * 43
+    # uvicorn takes the client address from X-Forwarded-For when the peer is 127.0.0.1
+    attacker, bystander = {"X-Forwarded-For": "10.0.0.1"}, {"X-Forwarded-For": "10.0.0.2"}
+
+    def status(token: str, client: dict[str, str]) -> int:
+        return live.client.get("/sagas", headers={**_bearer(token), **client}).status_code
+
+    assert [status(wrong, attacker) for _ in range(8)] == [401] * 5 + [429] * 3
+    limited = live.client.get("/sagas", headers={**_bearer(wrong), **attacker})
+    assert "failed authentications" in _problem(limited, 429)["title"].lower()
+    assert int(limited.headers["retry-after"]) >= 1
+    assert status(token, attacker) == 429  # the client is refused before any lookup
+    # from elsewhere, wrong secrets for the attacked key id are 429 too, but its holder is
+    # never locked out (key ids are public) and other keys are judged on their own
+    assert status(wrong, bystander) == 429
+    assert status(token, bystander) == 200
+    assert status("lsk_0123456789abcdef_" + "W" * 43, bystander) == 401
+    assert status(token, {}) == 200  # no header: the test client's own address
+
+
+def test_access_log__never_carries_the_query_string(live: Live,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    access = logging.getLogger("uvicorn.access")
+    caplog.set_level(logging.INFO, logger="uvicorn.access")
+    access.addHandler(caplog.handler)
+    try:
+        canary = "canary-query-" + os.urandom(8).hex()
+        assert live.client.get("/sagas", params={"api_key": canary},
+                               headers={"Authorization": ""}).status_code == 401
+        assert live.client.get("/sagas", params={"limit": 5, "token": canary}).status_code == 200
+    finally:
+        access.removeHandler(caplog.handler)
+    lines = [r.getMessage() for r in caplog.records if r.name == "uvicorn.access"]
+    assert len(lines) == 2, lines
+    assert all('"GET /sagas?[redacted] HTTP/1.1"' in line for line in lines), lines
+    assert canary not in caplog.text
+
+
+def test_retry__by_the_owner_is_recorded_in_the_event(live_factory: Callable[..., Live]) -> None:
+    live = live_factory(faults="aggregate_to_gold=raise,delete_silver_partition=raise",
+                        step_max_attempts=1, max_saga_attempts=1)
+    live.generate(records=50, files=1)
+    owner = _key(live, "write")
+    saga_id = live.client.post("/sagas", headers=_bearer(owner), json={
+        "dataset": "clickstream", "partition_date": PARTITION,
+        "source": {"path": f"clickstream/{PARTITION}/*.ndjson"}}).json()["id"]
+    assert live.wait(saga_id)["status"] == "failed"
+    _problem(live.client.post(f"/sagas/{saga_id}/retry", headers=_bearer(_key(live, "write"))),
+             403)
+    retried = live.client.post(f"/sagas/{saga_id}/retry", headers=_bearer(owner))
+    assert retried.status_code == 202, retried.text
+    events = live.client.get(f"/sagas/{saga_id}/events").json()["items"]
+    assert [e["payload"]["by"] for e in events if e["kind"] == "status"
+            and e["payload"].get("reason") == "retry requested"] == [_key_id(owner)]

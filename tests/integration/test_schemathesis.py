@@ -158,7 +158,8 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seeded]:
     tmp = tmp_path_factory.mktemp("seed")
     settings = Settings(database_url=f"sqlite:///{tmp / 'lakesaga.db'}", source_root=tmp / "raw",
                         lake_dir=tmp / "lake", poll_interval_s=0.05, step_backoff_s=0.01,
-                        webhook_allow_hosts=["127.0.0.1"], rate_limit_per_s=0)
+                        webhook_allow_hosts=["127.0.0.1"], rate_limit_per_s=0,
+                        auth_failure_rate_per_s=0)  # the fuzzer sends wrong keys on purpose
     for day in DAYS.values():
         generate_clickstream(settings.source_root / "clickstream" / day, records=200, files=2,
                              seed=7, partition_date=date.fromisoformat(day))

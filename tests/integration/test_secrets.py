@@ -5,23 +5,26 @@ A real ``lakesaga serve`` process logs at DEBUG on a PostgreSQL saga database wh
 canary password (the server trusts local connections, so any password connects); the derived
 DuckLake catalog gets the same password. An admin API key, a webhook consumer secret and wrong
 tokens built around canaries go through a session of successes and errors: 401 (missing, unknown,
-malformed and wrong-secret keys), 403, 404, 409, 413, 422 (bad secrets, malformed JSON, unsafe
-URL), a succeeded saga whose webhook is delivered and verified with the secret, a compensated
-one. Two more servers die attaching a lake whose catalog DSN (keyword and URI form) names a
-missing database with another canary password, and ``lakesaga keys list`` and ``lakesaga check``
-run on the same settings. Then every canary is searched for in: the stdout/stderr of every
-process, every HTTP response of the session (status, headers, body), the saga database (every
-table of every schema), the lake directory, the fault trace and the webhook requests received.
-The only places a secret may be are by design: the consumer secret in the one ``POST /consumers``
-answer that creates it and in the consumers table (it signs webhooks); the API key only as the
-SHA-256 of its secret.
+malformed and wrong-secret keys, keys and tokens in query strings), 403, 404, 409, 413, 422 (bad
+secrets, malformed JSON, unsafe URL), a succeeded saga whose webhook, to a consumer URL carrying
+a canary token in its path and query, is delivered and verified with a stock Standard Webhooks
+verifier, a compensated one. Two more servers die attaching a lake whose catalog DSN (keyword
+and URI form) names a missing database with another canary password, and ``lakesaga keys list``
+and ``lakesaga check`` run on the same settings. Then every canary is searched for in: the
+stdout/stderr of every process, every HTTP response of the session (status, headers, body), the
+saga database (every table of every schema), the lake directory, the fault trace and the webhook
+requests received.
+The only places a secret may be are by design: the consumer secret in the consumers table (it
+signs webhooks) and, in its ``whsec_`` form, in the one ``POST /consumers`` answer that creates
+it; the consumer URL's token in the consumers table, that answer and the admin's consumer
+listing (a read key's listing shows no path or query); the API key only as the SHA-256 of its
+secret.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
-import hmac
 import os
 import secrets
 import socket
@@ -39,6 +42,7 @@ import psycopg
 import pytest
 from lakesaga_live import WebhookReceiver
 from sqlalchemy.engine import make_url
+from standardwebhooks import Webhook
 
 from app.auth import create_key
 from app.db.session import Database
@@ -153,10 +157,11 @@ def _wait(api: httpx.Client, saga_id: str, done: Callable[[dict[str, Any]], bool
     return saga
 
 
-def _run_session(base_url: str, token: str, read_token: str, secret: str,
-                 wrong_tokens: list[str], receiver: WebhookReceiver,
-                 transcript: Transcript) -> dict[str, Any]:
-    """Successes and every kind of error the API has, each answer recorded."""
+def _run_session(base_url: str, token: str, read_token: str, secret: str, url_token: str,
+                 query_canary: str, wrong_tokens: list[str], receiver: WebhookReceiver,
+                 transcript: Transcript) -> tuple[dict[str, Any], str]:
+    """Successes and every kind of error the API has, each answer recorded. Returns the
+    succeeded saga and the transcript entry of the admin's consumer listing."""
     hooks = {"response": [transcript.record]}
     with httpx.Client(base_url=base_url, timeout=30, event_hooks=hooks) as anon, \
             httpx.Client(base_url=base_url, timeout=30, event_hooks=hooks,
@@ -167,9 +172,14 @@ def _run_session(base_url: str, token: str, read_token: str, secret: str,
             assert anon.get("/sagas", headers={"Authorization": wrong}).status_code == 401
         assert anon.post("/sagas", json=SAGA,
                          headers={"Authorization": f"Bearer {read_token}"}).status_code == 403
+        # secrets in query strings: refused, and never written to the access log
+        for params in ({"api_key": token}, {"api_key": query_canary},
+                       {"access_token": query_canary, "limit": "5"}):
+            assert anon.get("/sagas", params=params).status_code == 401
+        assert api.get("/sagas", params={"token": query_canary, "limit": 5}).status_code == 200
 
-        consumer = {"name": "canary", "dataset": "clickstream", "url": f"{receiver.url}/hook",
-                    "secret": secret}
+        consumer = {"name": "canary", "dataset": "clickstream",
+                    "url": f"{receiver.url}/hook/{url_token}?token={url_token}", "secret": secret}
         created = api.post("/consumers", json=consumer)
         assert created.status_code == 201, created.text
         assert api.post("/consumers", json=consumer).status_code == 409
@@ -185,6 +195,9 @@ def _run_session(base_url: str, token: str, read_token: str, secret: str,
                              headers={"Content-Type": "application/json"})
         assert too_large.status_code == 413, too_large.text
         api.get("/consumers")
+        admin_listing = transcript.entries[-1][0]
+        reader = anon.get("/consumers", headers={"Authorization": f"Bearer {read_token}"})
+        assert reader.json()[0]["url"] == f"{receiver.url}/…", reader.text
 
         ok = api.post("/sagas", json=SAGA, headers={"Idempotency-Key": "secrets-1"})
         assert ok.status_code == 202, ok.text
@@ -209,18 +222,15 @@ def _run_session(base_url: str, token: str, read_token: str, secret: str,
                      "/datasets/clickstream/partitions/2020-01-01", "/no/such/route"):
             api.get(path)
         api.delete("/sagas")
-        return succeeded
+        return succeeded, admin_listing
 
 
 def _verify_signatures(receiver: WebhookReceiver, secret: str) -> int:
-    """The deliveries were signed with the consumer's secret (so it was used)."""
+    """The deliveries were signed with the consumer's secret (so it was used): a stock
+    Standard Webhooks verifier accepts them with the ``whsec_`` form POST /consumers returned."""
     received = receiver.received()
     for request in received:
-        msg_id, timestamp = request.headers["webhook-id"], request.headers["webhook-timestamp"]
-        mac = hmac.new(secret.encode(), f"{msg_id}.{timestamp}.".encode() + request.body,
-                       hashlib.sha256)
-        assert request.headers["webhook-signature"] == "v1," + base64.b64encode(
-            mac.digest()).decode(), request.headers
+        Webhook(secret).verify(request.body, request.headers)
     return len(received)
 
 
@@ -263,6 +273,8 @@ def test_secrets__never_in_logs_bodies_rows_or_traces(
         db.dispose()
     key_secret = token.split("_", 2)[2]
     consumer_secret = _canary("whsec")
+    whsec = "whsec_" + base64.b64encode(consumer_secret.encode()).decode()
+    url_token, query_canary = _canary("urltoken"), _canary("query")
     wrong = {name: _canary(name) for name in ("tok1", "tok2", "tok3", "tok4")}
     basic = base64.b64encode(f"admin:{wrong['tok4']}".encode()).decode()
     wrong_tokens = [
@@ -273,9 +285,11 @@ def test_secrets__never_in_logs_bodies_rows_or_traces(
         "Bearer",
     ]
     transcript = Transcript([])
-    succeeded = _run_session(base_url, token, read_token, consumer_secret, wrong_tokens,
-                             webhook_receiver, transcript)
-    assert _verify_signatures(webhook_receiver, consumer_secret) >= 1
+    succeeded, admin_listing = _run_session(base_url, token, read_token, consumer_secret,
+                                            url_token, query_canary, wrong_tokens,
+                                            webhook_receiver, transcript)
+    assert _verify_signatures(webhook_receiver, whsec) >= 1
+    assert {r.path for r in webhook_receiver.received()} == {f"/hook/{url_token}?token={url_token}"}
     assert succeeded["deliveries"][0]["status"] == "delivered"
 
     lake_passwords = {"lake-pw-keyword": _canary("lakepw"), "lake-pw-uri": _canary("lakepw")}
@@ -312,11 +326,16 @@ def test_secrets__never_in_logs_bodies_rows_or_traces(
     db_password = make_url(deployment.database_url).password
     assert db_password
     canaries = {"dsn-password": str(db_password), "api-key": key_secret,
-                "consumer-secret": consumer_secret, **lake_passwords, **wrong, "tok4-basic": basic}
+                "consumer-secret": consumer_secret, "consumer-secret-whsec": whsec,
+                "consumer-url-token": url_token, "query-parameter": query_canary,
+                **lake_passwords, **wrong, "tok4-basic": basic}
     responses = dict(transcript.entries)
     created = next(k for k in responses if k.endswith("POST /consumers -> 201"))
-    assert responses[created].count(consumer_secret) == 1  # shown once, by design
-    without_secret = {k: v for k, v in canaries.items() if k != "consumer-secret"}
+    assert responses[created].count(whsec) == 1  # shown once, by design
+    assert url_token in responses[admin_listing]  # admins see consumer URLs in full
+    def but(*allowed: str) -> dict[str, str]:
+        return {k: v for k, v in canaries.items() if k not in allowed}
+
     dump = _database_dump(deployment.plain_url)
     assert hashlib.sha256(key_secret.encode()).hexdigest() in dump["public.api_keys"]
     assert consumer_secret in dump["public.consumers"]  # it signs the webhooks
@@ -325,9 +344,11 @@ def test_secrets__never_in_logs_bodies_rows_or_traces(
 
     leaks = [
         *_leaks(canaries, outputs),
-        *_leaks(without_secret, {created: responses[created]}),
-        *_leaks(canaries, {k: v for k, v in responses.items() if k != created}),
-        *_leaks(without_secret, {"db " + k: v for k, v in dump.items()}),
+        *_leaks(but("consumer-secret-whsec", "consumer-url-token"), {created: responses[created]}),
+        *_leaks(but("consumer-url-token"), {admin_listing: responses[admin_listing]}),
+        *_leaks(canaries, {k: v for k, v in responses.items() if k not in (created, admin_listing)}),
+        *_leaks(but("consumer-secret", "consumer-url-token"),
+                {"db " + k: v for k, v in dump.items()}),
         *_leaks(canaries, {"db " + k: v for k, v in dump.items() if k != "public.consumers"}),
         *_leaks(canaries, _files(deployment.home / "lake")),
         *_leaks(canaries, {"fault trace": trace.read_text()}),

@@ -15,6 +15,8 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import logging
+import os
 import shutil
 import socket
 import ssl
@@ -32,6 +34,7 @@ from typing import Any
 
 import httpx
 import pytest
+from lakesaga_live import Live
 from sqlalchemy import update
 
 from app.db.base import Base
@@ -570,3 +573,34 @@ def test_deliver__pinned_https_verifies_the_certificate_of_the_real_host(
     with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
         dispatcher.client.send(request_without_sni)
     assert len(public.received()) == 1
+
+
+# -- logs -----------------------------------------------------------------------------------------
+
+
+def test_deliver__logs_never_carry_the_url_path_or_query(
+        live_factory: Callable[..., Live], receivers: Callable[..., Receiver],
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)  # every logger, httpx and httpcore included, unless quieted
+    live = live_factory(webhook_max_attempts=1)
+    live.generate(records=50, files=1)
+    token = "capability-" + os.urandom(8).hex()
+    receiver = receivers(Reply(status=500))
+    for name, url in (("refused", f"{receiver.url}/hooks/{token}?token={token}"),
+                      ("closed", f"http://127.0.0.1:9/hooks/{token}?token={token}")):
+        created = live.client.post("/consumers", json={"name": name, "dataset": "clickstream",
+                                                       "url": url})
+        assert created.status_code == 201, created.text
+    saga = live.wait(live.submit().json()["id"])
+    deadline = time.monotonic() + 15
+    while sum(d["status"] == "dead" for d in saga["deliveries"]) < 2:
+        assert time.monotonic() < deadline, saga["deliveries"]
+        time.sleep(0.05)
+        saga = live.client.get(f"/sagas/{saga['id']}").json()
+
+    assert receiver.received()[0].path == f"/hooks/{token}?token={token}"
+    dead = [r.getMessage() for r in caplog.records if r.name == "lakesaga.webhooks"]
+    assert len(dead) == 2 and all("dead after 1 attempts" in m for m in dead), dead
+    assert not [r.name for r in caplog.records if r.name.startswith(("httpx", "httpcore"))
+                and r.levelno < logging.WARNING]
+    assert token not in caplog.text

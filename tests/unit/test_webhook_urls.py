@@ -20,6 +20,7 @@ from app.notify.urls import (
     WebhookTarget,
     check_webhook_url,
     is_public_address,
+    redact_url,
     resolve_webhook_target,
 )
 from app.notify.webhooks import pinned_request
@@ -382,3 +383,17 @@ def test_pinned_request__unpinned_target_keeps_the_url() -> None:
     assert str(request.url) == "http://127.0.0.1:9/x"
     assert request.headers["host"] == "127.0.0.1:9"
     assert "sni_hostname" not in request.extensions
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("https://hooks.example.com/lake?token=abc", "https://hooks.example.com/…"),
+    ("https://hooks.example.com/a/b/c", "https://hooks.example.com/…"),
+    ("https://hooks.example.com?token=abc", "https://hooks.example.com/…"),
+    ("http://127.0.0.1:9/hook", "http://127.0.0.1:9/…"),
+    ("http://[2001:db8::1]:8080/x", "http://[2001:db8::1]:8080/…"),
+    ("https://hooks.example.com/", "https://hooks.example.com/"),
+    ("https://hooks.example.com", "https://hooks.example.com/"),
+])
+def test_redact_url__keeps_scheme_host_and_port_only(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import ADMIN, READ, ServiceDep
+from app.api.deps import ADMIN, ReadKey, ServiceDep
 from app.api.problems import PROBLEM_RESPONSES
 from app.api.schemas import Consumer, ConsumerCreate, ConsumerCreated
 
@@ -19,15 +19,19 @@ async def create_consumer(body: ConsumerCreate, service: ServiceDep, response: R
     """Register a webhook for a dataset (scope `admin`); the URL must not point inside the network."""
     consumer = await run_in_threadpool(service.add_consumer, body.model_dump())
     response.headers["Location"] = f"/consumers/{consumer['id']}"
+    response.headers["Cache-Control"] = "no-store"  # it carries the secret
     return consumer
 
 
-@router.get("", response_model=list[Consumer], dependencies=[READ])
-async def list_consumers(service: ServiceDep,
+@router.get("", response_model=list[Consumer])
+async def list_consumers(service: ServiceDep, caller: ReadKey, response: Response,
                          dataset: Annotated[str | None, Query(max_length=63)] = None,
                          ) -> list[dict]:
-    """Registered consumers (secrets are never returned)."""
-    return await run_in_threadpool(service.consumers, dataset)
+    """Registered consumers (secrets are never returned; URLs in full to `admin` keys only)."""
+    full_urls = caller.allows("admin")
+    if full_urls:
+        response.headers["Cache-Control"] = "no-store"  # a URL may carry a token
+    return await run_in_threadpool(service.consumers, dataset, full_urls=full_urls)
 
 
 @router.delete("/{consumer_id}", status_code=204, dependencies=[ADMIN])

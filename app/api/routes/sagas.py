@@ -13,7 +13,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import READ, WRITE, IdempotencyKeyDep, ServiceDep, WriteKey
+from app.api.deps import READ, IdempotencyKeyDep, ServiceDep, WriteKey
 from app.api.problems import PROBLEM_RESPONSES
 from app.api.schemas import EventPage, IsoDate, Saga, SagaCreate, SagaPage
 
@@ -88,13 +88,21 @@ async def get_saga_events(
     return await run_in_threadpool(service.events, saga_id, after, limit)
 
 
-@router.post("/{saga_id}/cancel", status_code=202, response_model=Saga, dependencies=[WRITE])
-async def cancel_saga(saga_id: str, service: ServiceDep) -> dict:
-    """Ask a pending or running saga to stop and compensate; 409 when it is past that."""
-    return await run_in_threadpool(service.cancel, saga_id)
+@router.post("/{saga_id}/cancel", status_code=202, response_model=Saga)
+async def cancel_saga(saga_id: str, service: ServiceDep, caller: WriteKey) -> dict:
+    """Ask a pending or running saga to stop and compensate; 409 when it is past that.
+
+    Scope `write`, and the key must be the one that submitted the saga, or an `admin` key (403
+    otherwise). The `cancel_requested` event records the key id that asked (`by`).
+    """
+    return await run_in_threadpool(service.cancel, saga_id, caller)
 
 
-@router.post("/{saga_id}/retry", status_code=202, response_model=Saga, dependencies=[WRITE])
-async def retry_saga(saga_id: str, service: ServiceDep) -> dict:
-    """Resume the compensation of a `failed` saga once its cause is fixed; 409 otherwise."""
-    return await run_in_threadpool(service.retry, saga_id)
+@router.post("/{saga_id}/retry", status_code=202, response_model=Saga)
+async def retry_saga(saga_id: str, service: ServiceDep, caller: WriteKey) -> dict:
+    """Resume the compensation of a `failed` saga once its cause is fixed; 409 otherwise.
+
+    Scope `write`, and the key must be the one that submitted the saga, or an `admin` key (403
+    otherwise).
+    """
+    return await run_in_threadpool(service.retry, saga_id, caller)
