@@ -437,6 +437,8 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         created, saga_id = raw.split("|", 1)
+        if not saga_id.isprintable():  # NUL, say: PostgreSQL text cannot hold it
+            raise ValueError(saga_id)
         return datetime.fromisoformat(created), saga_id
     except (ValueError, UnicodeDecodeError) as exc:
         raise Problem(400, "Invalid cursor", "cursor is not one this API returned") from exc
