@@ -99,7 +99,9 @@ class Service:
         self._dispatcher = Dispatcher(self.db, allow_hosts=s.webhook_allow_hosts,
                                       timeout_s=s.webhook_timeout_s,
                                       max_attempts=s.webhook_max_attempts,
-                                      poll_interval_s=s.poll_interval_s)
+                                      poll_interval_s=s.poll_interval_s,
+                                      deadline_s=s.webhook_deadline_s,
+                                      concurrency=s.webhook_concurrency)
         self._dispatcher.start()
 
     @property

@@ -88,6 +88,11 @@ class Settings(BaseSettings):
     #: Webhook delivery: hosts allowed even though they resolve to private/loopback addresses.
     webhook_allow_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     webhook_timeout_s: float = Field(default=5.0, gt=0)
+    #: Wall-clock limit of one delivery attempt until the answer's headers are in (the
+    #: timeout above bounds each read only), and deliveries in flight at once per process (at
+    #: most one per consumer).
+    webhook_deadline_s: float = Field(default=15.0, gt=0)
+    webhook_concurrency: int = Field(default=4, ge=1, le=64)
     webhook_max_attempts: int = Field(default=8, ge=1)
 
     #: API limits: request body size (413), requests per second and burst per API key in each
