@@ -101,6 +101,10 @@ class Settings(BaseSettings):
     rate_limit_per_s: float = Field(default=100.0, ge=0)
     rate_limit_burst: int = Field(default=200, ge=1)
     max_active_sagas_per_key: int = Field(default=100, ge=0)
+    #: Long polls (``GET /sagas/{id}?wait=``) waiting at once in each process, and per API key
+    #: in each process (429 with Retry-After beyond; 0 = no limit).
+    max_waits: int = Field(default=1000, ge=0)
+    max_waits_per_key: int = Field(default=100, ge=0)
 
     #: ``lakesaga serve``: API processes sharing the port, and whether each also runs the saga
     #: executor and webhook dispatcher (``--processes``, ``--workers/--no-workers``).

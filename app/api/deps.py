@@ -83,5 +83,6 @@ async def idempotency_key(
 require_read, require_write, require_admin = (require(s) for s in ("read", "write", "admin"))
 #: For ``dependencies=[...]`` of routes that only need the check.
 READ, WRITE, ADMIN = (Depends(r) for r in (require_read, require_write, require_admin))
+ReadKey = Annotated[Principal, Depends(require_read)]
 WriteKey = Annotated[Principal, Depends(require_write)]
 IdempotencyKeyDep = Annotated[str | None, Depends(idempotency_key)]
