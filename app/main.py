@@ -6,14 +6,16 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import quote, unquote_plus
 
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import __version__
 from app.api.deps import READ
-from app.api.problems import install_problem_handlers, problem_response
+from app.api.problems import MEDIA_TYPE, install_problem_handlers, problem_response
 from app.api.routes import consumers, datasets, health, sagas
 from app.api.schemas import ProblemDetail
 from app.auth import list_keys
@@ -74,6 +76,7 @@ def create_app(settings: Settings | None = None, *, run_workers: bool = True,
     _document_problems(app)
     max_bytes = (settings or (service.settings if service else get_settings())).max_request_bytes
     app.add_middleware(BodyLimit, max_bytes=max_bytes)
+    app.add_middleware(NoNulInUrl)
     return app
 
 
@@ -136,6 +139,26 @@ class BodyLimit:
         response = problem_response(Request(scope), problem)
         response.headers["Connection"] = "close"
         await response(scope, receive, send)
+
+
+class NoNulInUrl:
+    """Refuse, with 400, a request whose decoded path or query contains NUL (``%00``), before
+    any route or database sees it: PostgreSQL text cannot hold it (the driver raised, a 500),
+    while SQLite matched nothing (404); no identifier or parameter of this API contains it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and ("\x00" in scope["path"] or "\x00" in unquote_plus(
+                scope.get("query_string", b"").decode("latin-1"))):
+            problem = Problem(400, "Malformed request",
+                              "the URL's path and query parameters may not contain NUL (%00)")
+            response = JSONResponse(problem.body(quote(scope["path"])), status_code=400,
+                                    media_type=MEDIA_TYPE)
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 def _document_problems(app: FastAPI) -> None:

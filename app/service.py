@@ -18,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 
 from app.auth import Principal, RateLimiter
 from app.db.migrate import upgrade
-from app.db.models import ConsumerRow, SagaRow, SagaStepRow
+from app.db.models import ConsumerRow, OutboxRow, SagaRow, SagaStepRow
 from app.db.session import Database, run_on_driver
 from app.errors import Problem
 from app.faults import configure_faults
@@ -33,14 +33,14 @@ from app.saga.executor import Executor, ExecutorConfig
 from app.saga.retry import RetryPolicy
 from app.saga.states import FINISHED_SAGA_STATUSES, SagaStatus, StepStatus
 from app.saga.step_log import ActiveLimitReached, NewSaga, StepLog, rowcount, utcnow
-from app.saga.watch import SagaWatch
+from app.saga.watch import SagaWatch, WaitLimitReached
 from app.settings import Settings
 
 log = logging.getLogger("lakesaga.service")
 DEFINITION = "lakehouse_ingestion"
-#: How often a waiting request reads the saga again when no signal came (a saga run by
-#: another process, a webhook delivery).
-WAIT_RECHECK_S = 0.2
+#: How often this process's watch reads the versions of the sagas requests wait on (changes
+#: made by another process, webhook deliveries).
+WAIT_POLL_S = 0.2
 
 
 def iso(value: datetime | None) -> str | None:
@@ -60,7 +60,9 @@ class Service:
         self.db = Database(settings.database_url,
                            idle_in_transaction_timeout_s=settings.lease_ttl_s)
         self.log = StepLog(self.db)
-        self.watch = SagaWatch()
+        self.watch = SagaWatch(self.saga_versions, poll_interval_s=WAIT_POLL_S,
+                               max_waits=settings.max_waits,
+                               max_waits_per_key=settings.max_waits_per_key)
         self.log.on_change = self.watch.changed
         self.rate_limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
         #: Failed authentications, per ``client:<address>`` and per ``key:<key id>``.
@@ -105,7 +107,9 @@ class Service:
         self._dispatcher = Dispatcher(self.db, allow_hosts=s.webhook_allow_hosts,
                                       timeout_s=s.webhook_timeout_s,
                                       max_attempts=s.webhook_max_attempts,
-                                      poll_interval_s=s.poll_interval_s)
+                                      poll_interval_s=s.poll_interval_s,
+                                      deadline_s=s.webhook_deadline_s,
+                                      concurrency=s.webhook_concurrency)
         self._dispatcher.start()
 
     @property
@@ -207,23 +211,41 @@ class Service:
             "deliveries": deliveries,
         }
 
-    async def saga_once_changed(self, saga_id: str, wait_s: float) -> dict[str, Any]:
+    async def saga_once_changed(self, saga_id: str, wait_s: float, key: str = "",
+                                ) -> dict[str, Any]:
         """Long polling: the saga resource as soon as it differs from what it is now, or at
-        once if the saga is at rest (succeeded, compensated, failed), or after ``wait_s``."""
-        with self.watch.watching(saga_id) as changed:
-            first = current = self.saga(saga_id)
-            if first["status"] in FINISHED_SAGA_STATUSES:
-                return first
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + wait_s
-            while current == first and (left := deadline - loop.time()) > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), min(left, WAIT_RECHECK_S))
-                changed.clear()
-                if self.watch.closed:  # the server is stopping: answer with what is known
-                    break
-                current = self.saga(saga_id)
-        return current
+        once if the saga is at rest (succeeded, compensated, failed), or after ``wait_s``.
+        ``key`` (the API key id) is counted against LAKESAGA_MAX_WAITS_PER_KEY."""
+        try:
+            with self.watch.watching(saga_id, key) as waiter:
+                waiter.version = self.saga_versions([saga_id]).get(saga_id)
+                first = current = self.saga(saga_id)
+                if first["status"] in FINISHED_SAGA_STATUSES:
+                    return first
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + wait_s
+                while current == first and (left := deadline - loop.time()) > 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(waiter.event.wait(), left)
+                    waiter.event.clear()
+                    if self.watch.closed:  # the server is stopping: answer with what is known
+                        break
+                    current = self.saga(saga_id)
+                return current
+        except WaitLimitReached as exc:
+            raise Problem(429, "Too many waiting requests",
+                          f"{exc}; retry later, or without wait", headers={"Retry-After": "1"},
+                          ) from exc
+
+    def saga_versions(self, saga_ids: list[str]) -> dict[str, Any]:
+        """Each saga's version: it changes with every write to the saga and with every webhook
+        delivery attempt for it. One query per 500 sagas (called from the watch's thread)."""
+        versions: dict[str, Any] = {}
+        with self.db.reading() as conn:
+            for start in range(0, len(saga_ids), 500):
+                for row in conn.execute(_VERSIONS, {"ids": saga_ids[start:start + 500]}):
+                    versions[row[0]] = tuple(row[1:])
+        return versions
 
     def list_sagas(self, *, status: str | None, dataset: str | None,
                    partition_date: date | None, limit: int, cursor: str | None,
@@ -460,10 +482,19 @@ def _encode_cursor(row: SagaRow) -> str:
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
+_VERSIONS = select(
+    SagaRow.id, SagaRow.updated_at, SagaRow.event_seq,
+    select(func.coalesce(func.sum(OutboxRow.attempts + 1), 0))
+    .where(OutboxRow.saga_id == SagaRow.id).scalar_subquery(),
+).where(SagaRow.id.in_(bindparam("ids", expanding=True)))
+
+
 def _decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         created, saga_id = raw.split("|", 1)
+        if not saga_id.isprintable():  # NUL, say: PostgreSQL text cannot hold it
+            raise ValueError(saga_id)
         return datetime.fromisoformat(created), saga_id
     except (ValueError, UnicodeDecodeError) as exc:
         raise Problem(400, "Invalid cursor", "cursor is not one this API returned") from exc

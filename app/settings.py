@@ -95,6 +95,11 @@ class Settings(BaseSettings):
     #: Webhook delivery: hosts allowed even though they resolve to private/loopback addresses.
     webhook_allow_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     webhook_timeout_s: float = Field(default=5.0, gt=0)
+    #: Wall-clock limit of one delivery attempt until the answer's headers are in (the
+    #: timeout above bounds each read only), and deliveries in flight at once per process (at
+    #: most one per consumer).
+    webhook_deadline_s: float = Field(default=15.0, gt=0)
+    webhook_concurrency: int = Field(default=4, ge=1, le=64)
     webhook_max_attempts: int = Field(default=8, ge=1)
 
     #: API limits: request body size (413), requests per second and burst per API key in each
@@ -108,6 +113,10 @@ class Settings(BaseSettings):
     #: limit); beyond, 429 with Retry-After.
     auth_failure_rate_per_s: float = Field(default=1.0, ge=0)
     auth_failure_burst: int = Field(default=20, ge=1)
+    #: Long polls (``GET /sagas/{id}?wait=``) waiting at once in each process, and per API key
+    #: in each process (429 with Retry-After beyond; 0 = no limit).
+    max_waits: int = Field(default=1000, ge=0)
+    max_waits_per_key: int = Field(default=100, ge=0)
 
     #: ``lakesaga serve``: API processes sharing the port, and whether each also runs the saga
     #: executor and webhook dispatcher (``--processes``, ``--workers/--no-workers``).

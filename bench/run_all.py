@@ -36,6 +36,7 @@ def steps(quick: bool) -> list[tuple[str, list[str]]]:
         ("pipeline-memlimit", ["pipeline.py", *q, *memlimit, "--name", "pipeline-memlimit"]),
         ("orchestration", ["orchestration.py", *q, "--profile"]),
         ("api", ["api.py", *q, "--processes", "1,2"]),
+        ("long_polls", ["long_polls.py", *q]),
     ]
 
 
@@ -155,6 +156,7 @@ def machine_section(results: list[dict[str, Any]]) -> str:
 
 def render(quick: bool) -> str:
     import api
+    import long_polls
     import orchestration
     import pipeline
 
@@ -241,6 +243,9 @@ def render(quick: bool) -> str:
                 "a count instead of one autocommit statement. The POST target is met by the "
                 "fastest level whose p99 is within 50 ms and whose answers were all 2xx.", "",
                 api.render(api_result), ""]
+    polls = load("long_polls", quick)
+    if polls:
+        out += ["## Long polls", "", LONG_POLLS_TEXT, "", long_polls.render(polls), ""]
     out += ["## Reproduce", "", "```bash",
             "make bench                                # creates .venv-bench, runs everything, "
             "renders this page",
@@ -248,6 +253,14 @@ def render(quick: bool) -> str:
     out += [r["command"] for r in present]
     out += ["```", ""]
     return "\n".join(out)
+
+
+LONG_POLLS_TEXT = (
+    "`bench/long_polls.py`: `lakesaga serve --no-workers` on SQLite, one key holding N "
+    "`GET /sagas/{id}?wait=60` on a pending saga that does not change, a second key probing "
+    "`GET /datasets` one request every 20 ms. *waits only* = server CPU (cores) over 10 s with "
+    "nothing but the waits open (after they settled); *probe only* = the same probe with no "
+    "wait open. Earlier code is measured with its source first on `PYTHONPATH` and a `--label`.")
 
 
 def main() -> None:

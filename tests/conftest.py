@@ -34,15 +34,17 @@ def require_postgres() -> None:
 
 
 @pytest.fixture(scope="session")
-def pg_database_factory() -> Iterator[Callable[[], str]]:
+def pg_database_factory() -> Iterator[Callable[..., str]]:
     """Create fresh PostgreSQL databases; all are dropped at the end of the session."""
     created: list[str] = []
 
-    def create() -> str:
+    def create(template: str | None = None) -> str:
+        """A new database: empty, or a copy of the database ``template`` (one made here)."""
         require_postgres()
         name = f"lakesaga_test_{uuid.uuid4().hex[:12]}"
         with _pg_admin() as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
+            conn.execute(f'CREATE DATABASE "{name}"'
+                         + (f' TEMPLATE "{template}"' if template else ""))
         created.append(name)
         return f"{PG_BASE}/{name}"
 

@@ -38,7 +38,7 @@ PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
         (409, "Conflict with the resource's state"),
         (413, "Request body larger than LAKESAGA_MAX_REQUEST_BYTES"),
         (422, "Invalid request body or source, or an `Idempotency-Key` reused with another body"),
-        (429, "Rate limit or active-saga limit of the API key reached"),
+        (429, "Rate limit, active-saga limit or long-poll limit reached"),
         (503, "The saga database is unavailable; retry later"),
     ]
 }

@@ -17,6 +17,7 @@ import random
 import ssl
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 
@@ -26,6 +27,7 @@ from sqlalchemy import select, update
 from app.db.models import ConsumerRow, OutboxRow
 from app.db.session import Database
 from app.faults import fault_point
+from app.notify.deadline import Deadline, attach_deadline, current_deadline_reason
 from app.notify.signing import sign
 from app.notify.urls import UnsafeUrl, WebhookTarget, resolve_webhook_target
 from app.saga.step_log import utcnow
@@ -52,23 +54,38 @@ def pinned_request(client: httpx.Client, target: WebhookTarget, address: str | N
 
 
 class Dispatcher:
+    """Delivers due outbox rows from a pool of ``concurrency`` threads, with at most one
+    delivery in flight per consumer (so one consumer's rows go out in order, and its backoff
+    holds) and each attempt bounded by ``deadline_s`` of wall-clock time: a slow consumer costs
+    one thread for at most that long and never delays the others."""
+
     def __init__(self, db: Database, *, allow_hosts: list[str], timeout_s: float,
                  max_attempts: int, poll_interval_s: float = 0.5,
-                 verify: ssl.SSLContext | bool = True) -> None:
+                 verify: ssl.SSLContext | bool = True, deadline_s: float = 15.0,
+                 concurrency: int = 4) -> None:
         self.db = db
         self.allow_hosts = allow_hosts
         self.max_attempts = max_attempts
         self.poll_interval_s = poll_interval_s
         self.timeout_s = timeout_s
-        # connect + response + a body read bounded by timeout_s each, with margin
-        self.lease_s = timeout_s * 4
+        self.deadline_s = deadline_s
+        self.concurrency = concurrency
+        # the attempt (deadline), then the body read after it (timeout_s) and the record
+        self.lease_s = deadline_s + timeout_s * 2
         # No proxies from the environment (a proxy would resolve the name itself and drop the TLS
         # server name) and no kept-alive connections (a pooled connection is keyed by address,
         # so it could carry another host's request over a TLS session verified for the first).
         self.client = httpx.Client(timeout=httpx.Timeout(timeout_s), follow_redirects=False,
                                    trust_env=False, verify=verify,
-                                   limits=httpx.Limits(max_keepalive_connections=0))
+                                   limits=httpx.Limits(max_keepalive_connections=0),
+                                   event_hooks={"request": [attach_deadline]})
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="webhook")
+        self._lock = threading.Lock()
+        #: Consumers with a delivery in flight, and the deadlines of those attempts.
+        self._busy: set[str] = set()
+        self._deadlines: set[Deadline] = set()
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="webhooks", daemon=True)
 
     def start(self) -> None:
@@ -76,36 +93,94 @@ class Dispatcher:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout=10)
+        with self._lock:
+            deadlines = list(self._deadlines)
+        for deadline in deadlines:  # cut attempts in flight short: their rows are retried
+            deadline.expire("the dispatcher stopped during the delivery")
+        self._pool.shutdown(wait=True)
         self.client.close()
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            self._wake.clear()
             try:
-                delivered = self.deliver_due()
+                started = self._start_due()
             except Exception as exc:  # database outage: keep polling
                 log.warning("outbox poll failed: %s", type(exc).__name__)
-                delivered = 0
-            if not delivered:
-                self._stop.wait(self.poll_interval_s)
+                started = 0
+            if not started:  # nothing due, or every thread busy: until one is done
+                self._wake.wait(self.poll_interval_s)
+
+    def _start_due(self) -> int:
+        """Lease due rows for the free threads (one per idle consumer) and start them."""
+        with self._lock:
+            free, busy = self.concurrency - len(self._busy), set(self._busy)
+        if free <= 0:
+            return 0
+        leased = self._lease_due(free, busy)
+        for row_id, consumer_id in leased:
+            self._submit(row_id, consumer_id)
+        return len(leased)
 
     def deliver_due(self, limit: int = 20) -> int:
-        """Lease and deliver due rows; returns how many were attempted."""
+        """Lease due rows (the oldest of each consumer without a delivery in flight) and deliver
+        them, different consumers at once; returns how many were attempted, once all are done."""
+        with self._lock:
+            busy = set(self._busy)
+        futures = [self._submit(row_id, consumer_id)
+                   for row_id, consumer_id in self._lease_due(limit, busy)]
+        wait(futures)
+        return len(futures)
+
+    def _lease_due(self, limit: int, busy: set[str]) -> list[tuple[int, str]]:
+        """Lease the oldest due row of up to ``limit`` consumers not in ``busy``: push their
+        ``next_attempt_at`` past the time an attempt can take."""
         now = utcnow()
         with self.db.transaction() as s:
-            query = (select(OutboxRow.id).where(OutboxRow.status == "pending",
-                                                OutboxRow.next_attempt_at <= now)
-                     .order_by(OutboxRow.next_attempt_at).limit(limit))
+            query = (select(OutboxRow.id, OutboxRow.consumer_id)
+                     .where(OutboxRow.status == "pending", OutboxRow.next_attempt_at <= now)
+                     .order_by(OutboxRow.next_attempt_at, OutboxRow.id).limit(limit * 10))
+            if busy:
+                query = query.where(OutboxRow.consumer_id.not_in(busy))
             if self.db.is_postgres:
                 query = query.with_for_update(skip_locked=True)
-            ids = list(s.scalars(query))
-            if ids:
-                s.execute(update(OutboxRow).where(OutboxRow.id.in_(ids))
+            picked: dict[str, int] = {}
+            for row_id, consumer_id in s.execute(query):
+                if len(picked) < limit:
+                    picked.setdefault(consumer_id, row_id)
+            if picked:
+                s.execute(update(OutboxRow).where(OutboxRow.id.in_(picked.values()))
                           .values(next_attempt_at=now + timedelta(seconds=self.lease_s)))
-        for row_id in ids:
-            self._deliver(row_id)
-        return len(ids)
+        return [(row_id, consumer_id) for consumer_id, row_id in picked.items()]
+
+    def _submit(self, row_id: int, consumer_id: str) -> Future[None]:
+        with self._lock:
+            self._busy.add(consumer_id)
+        future = self._pool.submit(self._attempt, row_id)
+        future.add_done_callback(lambda _: self._done(consumer_id))
+        return future
+
+    def _done(self, consumer_id: str) -> None:
+        with self._lock:
+            self._busy.discard(consumer_id)
+        self._wake.set()
+
+    def _attempt(self, row_id: int) -> None:
+        """One delivery attempt of the row, ended at ``deadline_s`` if it has no answer by then."""
+        with Deadline(self.deadline_s) as deadline:
+            with self._lock:
+                self._deadlines.add(deadline)
+            try:
+                self._deliver(row_id)
+            except Exception as exc:  # recording it failed (database outage): the lease expires
+                log.warning("webhook delivery of outbox row %d failed: %s", row_id,
+                            type(exc).__name__)
+            finally:
+                with self._lock:
+                    self._deadlines.discard(deadline)
 
     def _deliver(self, row_id: int) -> None:
         with self.db.read_sessions() as s:
@@ -146,7 +221,7 @@ class Dispatcher:
         except UnsafeUrl as exc:
             error = str(exc)
         except Exception as exc:  # any failure of one delivery must not stall the others
-            error = f"{type(exc).__name__}"
+            error = current_deadline_reason() or f"{type(exc).__name__}"
         self._record(row, status_code, error, retry_after)
 
     def _send(self, target: WebhookTarget, body: bytes, headers: dict[str, str]) -> httpx.Response:

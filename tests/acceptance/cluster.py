@@ -196,9 +196,10 @@ class Cluster:
             "LAKESAGA_POLL_INTERVAL_S": "0.05",
             "LAKESAGA_STEP_BACKOFF_S": "0.01",
             "LAKESAGA_WEBHOOK_ALLOW_HOSTS": "127.0.0.1",
-            # The dispatcher leases a row for 3x the timeout: a kill mid-send delays the retry
-            # by that much, so keep it short for a local receiver.
+            # The dispatcher leases a row for the deadline plus 2x the timeout: a kill mid-send
+            # delays the retry by that much (3 s here), so keep both short for a local receiver.
             "LAKESAGA_WEBHOOK_TIMEOUT_S": "1",
+            "LAKESAGA_WEBHOOK_DEADLINE_S": "1",
             "LAKESAGA_FAULTS": faults,
             "LAKESAGA_LOG_LEVEL": "INFO",
             # The in-process Service migrated the database already; saves a worker start-up.

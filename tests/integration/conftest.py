@@ -4,7 +4,7 @@ the executor and webhook dispatcher running in-process, driven over real HTTP wi
 ``live`` is one server with the default test settings; ``live_factory(**overrides)`` starts more
 (e.g. with ``faults=...``), and ``Live.stop()`` shuts one down early so that a second server can
 take over the same database and lake. ``webhook_receiver`` is a tiny HTTP server that records
-every POST it gets.
+every POST it gets; ``trickling_receiver`` one that answers a byte per second.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-from lakesaga_live import Live, Received, WebhookReceiver, serve
+from lakesaga_live import Live, Received, TricklingReceiver, WebhookReceiver, serve
 
 import app.faults
 from app.auth import create_key
@@ -91,3 +91,13 @@ def webhook_receiver() -> Iterator[WebhookReceiver]:
         httpd.shutdown()
         httpd.server_close()
         thread.join(timeout=5)
+
+
+@pytest.fixture
+def trickling_receiver() -> Iterator[TricklingReceiver]:
+    """A loopback server that answers one byte per second (it never finishes its headers)."""
+    receiver = TricklingReceiver(interval_s=1.0)
+    try:
+        yield receiver
+    finally:
+        receiver.close()

@@ -170,3 +170,46 @@ class WebhookReceiver:
     def received(self) -> list[Received]:
         with self.lock:
             return list(self.requests)
+
+
+class TricklingReceiver:
+    """A webhook receiver that answers one byte every ``interval_s``: a status line and headers
+    that never end, each read arriving well within any per-read timeout. Counts connections."""
+
+    def __init__(self, interval_s: float = 1.0) -> None:
+        self.interval_s = interval_s
+        self.connections = 0
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self._sock.settimeout(0.05)
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}/slow"
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._accept, name="trickler", daemon=True)]
+        self._threads[0].start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            self.connections += 1
+            thread = threading.Thread(target=self._trickle, args=(conn,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _trickle(self, conn: socket.socket) -> None:
+        with conn:
+            conn.recv(65536)  # the request (headers and a small body)
+            for byte in b"HTTP/1.1 200 OK\r\n" + b"x-slow: " + b"." * 10_000:
+                if self._stop.wait(self.interval_s):
+                    return
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:  # the client gave up
+                    return
+
+    def close(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self._sock.close()

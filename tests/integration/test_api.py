@@ -456,6 +456,27 @@ def test_get_saga__unknown_id_is_404(live: Live) -> None:
     assert body["instance"] == "/sagas/does-not-exist"
 
 
+def test_nul_in_url__is_400_problem_on_every_backend(live: Live) -> None:
+    # PostgreSQL text cannot hold NUL: these reached the driver and were a 500 there.
+    cursor = base64.urlsafe_b64encode(b"2026-01-06T00:00:00|\x00").decode()
+    for method, url in [("GET", "/sagas/%00"), ("GET", "/sagas/a%00b/events"),
+                        ("POST", "/sagas/%00/cancel"), ("POST", "/sagas/%00/retry"),
+                        ("GET", "/sagas?dataset=%00"), ("GET", "/sagas?dataset=click%00stream"),
+                        ("GET", "/sagas/%00?wait=1"), ("GET", "/consumers?dataset=%00"),
+                        ("DELETE", "/consumers/%00"),
+                        ("GET", "/datasets/clickstream%00/partitions/2026-01-06")]:
+        body = _assert_problem(live.client.request(method, url), 400, "NUL")
+        assert "\x00" not in body.get("instance", ""), body
+    _assert_problem(live.client.get("/sagas", params={"cursor": cursor}), 400, "cursor")
+    live.generate()
+    nul_path = {"dataset": "clickstream", "partition_date": PARTITION,
+                "source": {"path": "clickstream/\x00/*.ndjson", "format": "json"}}
+    assert live.client.post("/sagas", json=nul_path).status_code == 422
+    nul_url = {"name": "nul", "dataset": "clickstream", "url": "http://127.0.0.1/\x00"}
+    assert live.client.post("/consumers", json=nul_url).status_code == 422
+    assert live.client.get("/sagas").status_code == 200
+
+
 def test_get_saga__wait_answers_each_change_until_the_saga_is_at_rest(live: Live) -> None:
     live.generate()
     answers = [live.submit().json()]

@@ -34,7 +34,7 @@ from typing import Any
 
 import httpx
 import pytest
-from lakesaga_live import Live
+from lakesaga_live import Live, TricklingReceiver
 from sqlalchemy import update
 
 from app.db.base import Base
@@ -439,6 +439,39 @@ def test_deliver__slow_receiver_times_out(
     assert time.monotonic() - started < 2.0
     row = outbox_row(saga_db, row_id)
     assert (row.status, row.last_status_code, row.last_error) == ("pending", None, "ReadTimeout")
+
+
+def test_deliver__trickling_consumer_does_not_stall_the_others(
+        saga_db: Database, receivers: Callable[..., Receiver],
+        dispatchers: Callable[..., Dispatcher], trickling_receiver: TricklingReceiver) -> None:
+    # The slow consumer's row is the older one: a single dispatcher took it first and held it
+    # for as long as the server trickled (each byte within the 2 s read timeout).
+    slow_id, _ = queue_delivery(saga_db, trickling_receiver.url)
+    fast = receivers()
+    fast_id, _ = queue_delivery(saga_db, fast.url)
+    dispatcher = dispatchers(timeout_s=2.0, deadline_s=1.5, concurrency=2, poll_interval_s=0.05)
+    started = time.monotonic()
+    dispatcher.start()
+
+    wait_until(lambda: outbox_row(saga_db, fast_id).status == "delivered", timeout_s=1.0)
+    assert outbox_row(saga_db, slow_id).attempts == 0  # still trickling
+    wait_until(lambda: outbox_row(saga_db, slow_id).attempts == 1, timeout_s=3.0)
+    assert 1.5 <= time.monotonic() - started < 3.0  # ended by the deadline, not by the server
+    slow = outbox_row(saga_db, slow_id)
+    assert (slow.status, slow.last_status_code) == ("pending", None)
+    assert "LAKESAGA_WEBHOOK_DEADLINE_S" in (slow.last_error or ""), slow.last_error
+    assert slow.next_attempt_at > utcnow()  # backoff: retried later
+
+    make_due(saga_db, slow_id)
+    wait_until(lambda: trickling_receiver.connections == 2, timeout_s=2.0)
+    assert len(fast.received()) == 1
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
 
 
 def test_deliver__endless_response_body_is_not_read(

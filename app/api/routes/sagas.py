@@ -13,7 +13,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import READ, IdempotencyKeyDep, ServiceDep, WriteKey
+from app.api.deps import READ, IdempotencyKeyDep, ReadKey, ServiceDep, WriteKey
 from app.api.problems import PROBLEM_RESPONSES
 from app.api.schemas import EventPage, IsoDate, Saga, SagaCreate, SagaPage
 
@@ -57,14 +57,16 @@ async def list_sagas(
                                    partition_date=partition_date, limit=limit, cursor=cursor)
 
 
-@router.get("/{saga_id}", response_model=Saga, dependencies=[READ])
+@router.get("/{saga_id}", response_model=Saga)
 async def get_saga(
     saga_id: str,
     service: ServiceDep,
+    caller: ReadKey,
     wait: Annotated[float, Query(
         ge=0, le=60, description="Long polling: answer as soon as the saga changes (its "
         "status, a step, a delivery), or after this many seconds. A saga at rest (`succeeded`, "
-        "`compensated`, `failed`) is answered at once. 0 (the default) answers at once.")] = 0,
+        "`compensated`, `failed`) is answered at once. 0 (the default) answers at once. "
+        "Waiting requests are limited per API key and per process (429 beyond).")] = 0,
 ) -> dict:
     """A saga with its steps, metrics, compensations and webhook deliveries.
 
@@ -72,7 +74,7 @@ async def get_saga(
     is at rest; each answer shows the saga as it changed.
     """
     if wait:
-        return await service.saga_once_changed(saga_id, wait)
+        return await service.saga_once_changed(saga_id, wait, caller.key_id)
     return service.saga(saga_id)
 
 
