@@ -74,9 +74,10 @@ class Settings(BaseSettings):
     #: Largest number of files and bytes one saga may ingest.
     max_source_files: int = Field(default=10_000, ge=1)
     max_source_bytes: int = Field(default=50 * 1024**3, ge=1)
-    #: Files up to this total size are hashed when the saga is accepted; larger sources are
-    #: hashed by bronze on first read and verified on any re-read.
-    hash_at_accept_max_bytes: int = Field(default=256 * 1024**2, ge=0)
+    #: Files up to this total size are hashed when the saga is accepted (after the request
+    #: passed every limit); larger sources are hashed by bronze on first read and verified on
+    #: any re-read, so that no POST spends more than a few milliseconds of CPU hashing.
+    hash_at_accept_max_bytes: int = Field(default=8 * 1024**2, ge=0)
 
     #: Memory budget of a worker process (e.g. ``4GB``, ``1536MiB``; empty = DuckDB's default,
     #: 80 % of RAM, for DuckDB alone). DuckDB's own ``memory_limit`` bounds only its buffer

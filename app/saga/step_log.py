@@ -204,13 +204,17 @@ class StepLog:
                                "idempotency key") from conflict
         return existing, False
 
+    def check_active_limit(self, owner: str, max_active: int) -> None:
+        """Raise ActiveLimitReached if ``owner`` has ``max_active`` unfinished sagas (pending,
+        running, compensating or failed). A read without a lock: the admission check before any
+        costly work; ``create_saga`` checks again under the owner's lock."""
+        with self.db.reading() as conn:
+            _refuse_over_limit(conn, owner, max_active)
+
     def _check_active(self, conn: Connection, owner: str, max_active: int) -> None:
         if self.db.is_postgres:  # SQLite already serializes writers (BEGIN IMMEDIATE)
             run_on_driver(conn, sql.LOCK_OWNER, {"o_owner": owner})
-        active = run_on_driver(conn, sql.ACTIVE_OF_OWNER, {"o_owner": owner}).rows[0][0]
-        if active >= max_active:
-            raise ActiveLimitReached(f"{active} sagas of this key are unfinished "
-                                     f"(limit {max_active})")
+        _refuse_over_limit(conn, owner, max_active)
 
     def find_by_idempotency_key(self, owner: str, key: str) -> SagaRow | None:
         with self.db.read_sessions() as s:
@@ -575,6 +579,13 @@ class StepLog:
                 _insert_event(s, saga_id, flagged.event_seq, flagged.epoch, "cancel_requested",
                               None, {}, now)
             return s.get(SagaRow, saga_id)
+
+
+def _refuse_over_limit(conn: Connection, owner: str, max_active: int) -> None:
+    unfinished = run_on_driver(conn, sql.UNFINISHED_OF_OWNER, {"o_owner": owner}).rows[0][0]
+    if unfinished >= max_active:
+        raise ActiveLimitReached(f"{unfinished} sagas of this key are unfinished "
+                                 f"(limit {max_active})")
 
 
 def lock_owned(s: Session | Connection, saga_id: str, epoch: int) -> str:
