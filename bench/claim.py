@@ -15,7 +15,12 @@ Two claims are timed, each ``--rounds`` times, in one process and one thread:
   its first step's start, in the claim's write.
 
 PostgreSQL gets ``ANALYZE sagas`` after seeding (what autovacuum would do). Needs only the app
-and psycopg, so it runs under the project's ``.venv`` as well as ``.venv-bench``.
+and psycopg, so it runs under the project's ``.venv`` as well as ``.venv-bench``. To measure
+another commit's claim with this script, put its ``app`` first on the path and name the result:
+
+    git archive <commit> app migrations alembic.ini | tar -x -C /tmp/old
+    PYTHONPATH=/tmp/old:.venv/lib/python3.11/site-packages .venv/bin/python -S bench/claim.py \
+        --name claim-before --label "before (<commit>)"
 """
 
 from __future__ import annotations
@@ -95,6 +100,21 @@ def measure(backend: str, queued: int, rounds: int) -> dict[str, Any]:
             "idle": harness.latency_summary(idle), "take": harness.latency_summary(take)}
 
 
+def render(result: dict[str, Any]) -> str:
+    """The runs as a table: p50/p99 of each claim, and p50 over the p50 with nothing queued."""
+    runs = result["runs"]
+    rows = []
+    for run in runs:
+        base = next(r for r in runs if r["backend"] == run["backend"])
+        rows.append([run["backend"], f"{run['queued']:,}",
+                     *(harness.fmt(run[kind][q], 3) for kind in ("idle", "take")
+                       for q in ("p50_ms", "p99_ms")),
+                     f"{run['idle']['p50_ms'] / base['idle']['p50_ms']:.2f}x",
+                     f"{run['take']['p50_ms'] / base['take']['p50_ms']:.2f}x"])
+    return harness.table(["saga db", "queued", "idle p50 ms", "idle p99 ms", "take p50 ms",
+                          "take p99 ms", "idle ratio", "take ratio"], rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
@@ -102,24 +122,18 @@ def main() -> None:
                         choices=["sqlite", "postgres"])
     parser.add_argument("--queued", nargs="+", type=int)
     parser.add_argument("--rounds", type=int)
+    parser.add_argument("--name", default="claim", help="result file name (bench/results/)")
+    parser.add_argument("--label", default="this commit", help="what the result measures")
     a = parser.parse_args()
     queued = a.queued or ([0, 1_000] if a.quick else [0, 10_000])
     rounds = a.rounds or (50 if a.quick else 300)
-    runs = [measure(backend, n, rounds) for backend in a.backends for n in queued]
-    rows = []
-    for run in runs:
-        base = next(r for r in runs if r["backend"] == run["backend"] and r["queued"] == queued[0])
-        rows.append([run["backend"], f"{run['queued']:,}",
-                     *(harness.fmt(run[kind]["p50_ms"], 3) for kind in ("idle", "take")),
-                     *(harness.fmt(run[kind]["p99_ms"], 3) for kind in ("idle", "take")),
-                     harness.fmt(run["idle"]["p50_ms"] / base["idle"]["p50_ms"]),
-                     harness.fmt(run["take"]["p50_ms"] / base["take"]["p50_ms"])])
-    print(harness.table(["backend", "queued", "idle p50 ms", "take p50 ms", "idle p99 ms",
-                         "take p99 ms", "idle ratio", "take ratio"], rows))
-    path = harness.write_result("claim", a.quick, {"machine": harness.machine_info(),
-                                                   "command": harness.command_line(),
-                                                   "runs": runs})
-    print(f"wrote {path}")
+    import app
+
+    result = {"machine": harness.machine_info(), "command": harness.command_line(),
+              "label": a.label, "app": str(Path(app.__file__).parent),
+              "runs": [measure(backend, n, rounds) for backend in a.backends for n in queued]}
+    print(render(result))
+    print(f"wrote {harness.write_result(a.name, a.quick, result)}")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ def steps(quick: bool) -> list[tuple[str, list[str]]]:
         ("pipeline-memlimit", ["pipeline.py", *q, *memlimit, "--name", "pipeline-memlimit"]),
         ("orchestration", ["orchestration.py", *q, "--profile"]),
         ("api", ["api.py", *q, "--processes", "1,2"]),
+        ("claim", ["claim.py", *q]),
     ]
 
 
@@ -155,6 +156,7 @@ def machine_section(results: list[dict[str, Any]]) -> str:
 
 def render(quick: bool) -> str:
     import api
+    import claim
     import orchestration
     import pipeline
 
@@ -241,6 +243,16 @@ def render(quick: bool) -> str:
                 "a count instead of one autocommit statement. The POST target is met by the "
                 "fastest level whose p99 is within 50 ms and whose answers were all 2xx.", "",
                 api.render(api_result), ""]
+    claims = [r for r in (load("claim", quick), load("claim-before", quick)) if r]
+    if claims:
+        out += ["## Claim cost with sagas queued behind a busy partition", "",
+                "`bench/claim.py`: `StepLog.claim_next` in one thread, with 0 and with N pending "
+                "sagas queued behind one running saga of the same partition. *idle*: nothing is "
+                "claimable (the claim finds nothing); *take*: one saga of another partition, "
+                "created after the queued ones, is claimed (with its first step's start). "
+                "*ratio*: p50 over the p50 with nothing queued, same backend.", ""]
+        for result in claims:
+            out += [f"{result['label']} (`{result['command']}`):", "", claim.render(result), ""]
     out += ["## Reproduce", "", "```bash",
             "make bench                                # creates .venv-bench, runs everything, "
             "renders this page",
