@@ -238,9 +238,9 @@ def render(quick: bool) -> str:
                 "WARNING. Each POST names one source file of "
                 f"{api_result['source_bytes'] / 1024:,.0f} KiB (hashed at accept) and sends its own "
                 "Idempotency-Key; GETs read random sagas created by the POSTs. Server and client "
-                "CPU are in cores (CPU seconds per second). With the active-saga limit on (the "
-                "default, 100), a POST on PostgreSQL takes a transaction with an advisory lock and "
-                "a count instead of one autocommit statement. The POST target is met by the "
+                "CPU are in cores (CPU seconds per second). A POST on PostgreSQL is a transaction "
+                "that takes its partition's advisory lock (and, with the active-saga limit on, the "
+                "default, 100, its key's lock and a count) before the insert. The POST target is met by the "
                 "fastest level whose p99 is within 50 ms and whose answers were all 2xx.", "",
                 api.render(api_result), ""]
     claims = [r for r in (load("claim", quick), load("claim-before", quick)) if r]

@@ -571,9 +571,11 @@ INSERT_SAGA = insert(SAGAS).values(_new_saga())
 INSERT_CREATED_EVENT = insert(EVENTS).values(_created_event(bindparam("id", type_=String)))
 #: How many unfinished sagas an owner has (``o_owner``): every saga that still holds work or
 #: its partition (``BLOCKING``: pending, running, compensating, and failed, which waits for an
-#: operator).
-UNFINISHED_OF_OWNER = select(func.count()).select_from(SAGAS).where(
-    SAGAS.c.owner == bindparam("o_owner"), _status_in(SAGAS.c.status, BLOCKING))
+#: operator), counted up to ``o_limit`` (the limit: reading more would not change the answer).
+UNFINISHED_OF_OWNER = select(func.count()).select_from(
+    select(SAGAS.c.id).where(SAGAS.c.owner == bindparam("o_owner"),
+                             _status_in(SAGAS.c.status, BLOCKING))
+    .limit(bindparam("o_limit", type_=Integer)).subquery("unfinished"))
 #: Serializes the active-saga check of one owner (PostgreSQL; SQLite serializes all writers).
 LOCK_OWNER = select(func.pg_advisory_xact_lock(func.hashtext(bindparam("o_owner", type_=String))))
 

@@ -601,10 +601,11 @@ class StepLog:
 
 
 def _refuse_over_limit(conn: Connection, owner: str, max_active: int) -> None:
-    unfinished = run_on_driver(conn, sql.UNFINISHED_OF_OWNER, {"o_owner": owner}).rows[0][0]
+    unfinished = run_on_driver(conn, sql.UNFINISHED_OF_OWNER,
+                               {"o_owner": owner, "o_limit": max_active}).rows[0][0]
     if unfinished >= max_active:
-        raise ActiveLimitReached(f"{unfinished} sagas of this key are unfinished "
-                                 f"(limit {max_active})")
+        raise ActiveLimitReached(f"this key has reached its limit of {max_active} unfinished "
+                                 "sagas (LAKESAGA_MAX_ACTIVE_SAGAS_PER_KEY)")
 
 
 def lock_owned(s: Session | Connection, saga_id: str, epoch: int) -> str:

@@ -321,7 +321,7 @@ def test_active_saga_limit__is_429_per_key(live_factory: Callable[..., Live]) ->
     first = live.submit()
     assert first.status_code == 202, first.text
     second = live.submit(path="clickstream/2026-01-07/*.ndjson", partition_date="2026-01-07")
-    assert "limit 1" in _problem(second, 429)["detail"]
+    assert "limit of 1 unfinished sagas" in _problem(second, 429)["detail"]
     assert second.headers["retry-after"].isdigit()
     other = live.client.post("/sagas", headers=_bearer(_key(live, "write")), json={
         "dataset": "clickstream", "partition_date": "2026-01-07",
@@ -348,7 +348,7 @@ def test_active_saga_limit__counts_pending_sagas(live_factory: Callable[..., Liv
     assert {r.json()["status"] for r in accepted} == {"pending"}
 
     fourth = live.submit()
-    assert "3 sagas of this key are unfinished (limit 3)" in _problem(fourth, 429)["detail"]
+    assert "its limit of 3 unfinished sagas" in _problem(fourth, 429)["detail"]
     assert fourth.headers["retry-after"].isdigit()
     assert live.table_counts()["sagas"] == 3
 
