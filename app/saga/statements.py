@@ -6,7 +6,9 @@ compare-and-set of a step or saga status, and the event insert. SQLite runs them
 statements in one ``BEGIN IMMEDIATE`` transaction. PostgreSQL runs them as one statement of
 data-modifying CTEs in autocommit — one round trip, atomic as any single statement — where the
 fence is ``SELECT … FOR UPDATE``, and the event number is taken only if the compare-and-set
-matched, so a refused transition writes nothing.
+matched, so a refused transition writes nothing. A saga's creation and its last transition
+(which passes its partition's queue head on) run in a transaction that first takes the
+partition's advisory lock (``LOCK_PARTITION``), so that they never miss each other.
 """
 
 from __future__ import annotations
