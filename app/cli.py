@@ -287,24 +287,36 @@ def maintenance(
     older_than: Annotated[str, typer.Option(help="Expire snapshots older than this "
                                             "(DuckDB interval).")] = "7 days",
 ) -> None:
-    """Expire old lake snapshots and delete the data files no snapshot references any more."""
-    from app.lakehouse.duck import LAKE, Lake
+    """Expire old lake snapshots and delete the data files no snapshot references any more.
 
-    lake = Lake(get_settings())
-    cur = lake.cursor()
-    cur.execute(f"CALL ducklake_expire_snapshots('{LAKE}', older_than => now() - INTERVAL "
-                f"'{_interval(older_than)}')")
-    cur.execute(f"CALL ducklake_cleanup_old_files('{LAKE}', cleanup_all => true)")
-    lake.close()
-    console.print(f"expired snapshots older than {older_than} and cleaned up old files")
+    Snapshots an unfinished saga (pending, running, compensating, failed) may restore are kept,
+    and so is every later one.
+    """
+    from app.db.session import Database
+    from app.lakehouse.duck import Lake
+    from app.lakehouse.maintenance import check_interval, describe, expire_snapshots
 
+    try:
+        check_interval(older_than)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--older-than") from None
+    settings = get_settings()
+    if settings.auto_migrate:  # the saga log says which snapshots sagas may restore
+        from app.db.migrate import upgrade
 
-def _interval(text: str) -> str:
-    import re
-
-    if not re.fullmatch(r"\d{1,6} (second|minute|hour|day|week)s?", text.strip()):
-        raise typer.BadParameter("use e.g. '7 days' or '12 hours'")
-    return text.strip()
+        upgrade(settings.database_url)
+    db = Database(settings.database_url)
+    lake = Lake(settings)
+    try:
+        result = expire_snapshots(db, lake, older_than)
+    finally:
+        lake.close()
+        db.dispose()
+    summary = describe(result)
+    console.print(f"expired {summary['expired']} snapshots older than {older_than}; kept "
+                  f"snapshot {summary['kept_from_snapshot']} and later "
+                  f"({summary['sagas_pinning_snapshots']} unfinished sagas may restore them); "
+                  "cleaned up old files")
 
 
 def main() -> None:

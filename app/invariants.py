@@ -156,7 +156,9 @@ class InvariantChecker:
                                               "partition succeeded")
                 continue
             recorded = (steps[last.id][step].output or {}).get(metric)
-            if rows != recorded or writers != {last.id}:
+            # An empty ingestion (a header-only file) succeeds and writes no row: no writer.
+            expected_writers = {last.id} if recorded else set()
+            if rows != recorded or writers != expected_writers:
                 report.add("I2", subject, f"{layer} holds {rows} rows written by "
                                           f"{sorted(writers)}; expected {recorded} rows of {last.id}")
         catalogued = {layer: e.saga_id for layer, e in entries.items()}

@@ -155,8 +155,11 @@ class Service:
                     "owner": owner, "key": idempotency_key}).first()
             if existing is not None:
                 return self._replay(existing.id, existing.request_fingerprint, print_fp), False
-        source = body["source"]
         s = self.settings
+        max_active = s.max_active_sagas_per_key if owner else 0
+        if max_active:  # before the source is walked and hashed: a refusal costs one read
+            self._admit(owner, max_active)
+        source = body["source"]
         try:
             manifest = resolve_manifest(
                 s.source_root, source["path"], source["format"], max_files=s.max_source_files,
@@ -173,15 +176,20 @@ class Service:
                 partition_date=partition_date, request=body, manifest=manifest,
                 request_fingerprint=print_fp, idempotency_key=idempotency_key,
                 steps=LakehouseIngestionSaga.step_names(), owner=owner,
-            ), max_active=s.max_active_sagas_per_key if owner else 0)
+            ), max_active=max_active)
         except ActiveLimitReached as exc:
-            raise Problem(429, "Too many active sagas", f"{exc}; wait for some to finish",
-                          headers={"Retry-After": "5"}) from exc
+            raise _too_many_active(exc) from exc
         if not created:
             return self._replay(row.id, row.request_fingerprint, print_fp), False
         if self.executor is not None:
             self.executor.wake()
         return _accepted_view(row, LakehouseIngestionSaga.step_names()), True
+
+    def _admit(self, owner: str, max_active: int) -> None:
+        try:
+            self.log.check_active_limit(owner, max_active)
+        except ActiveLimitReached as exc:
+            raise _too_many_active(exc) from exc
 
     def _replay(self, saga_id: str, stored_fp: str, print_fp: str) -> dict[str, Any]:
         if stored_fp != print_fp:
@@ -376,6 +384,12 @@ def _check_may_change(row: SagaRow, caller: Principal, action: str) -> None:
     if row.owner != caller.key_id and not caller.allows("admin"):
         raise Problem(403, "Forbidden", f"only the API key that submitted this saga, or an "
                       f"admin key, may {action} it")
+
+
+def _too_many_active(exc: ActiveLimitReached) -> Problem:
+    return Problem(429, "Too many active sagas",
+                   f"{exc}; wait for some to finish (a failed saga counts until an operator "
+                   "retries it)", headers={"Retry-After": "5"})
 
 
 def _consumer_view(row: ConsumerRow) -> dict[str, Any]:

@@ -77,9 +77,10 @@ class Settings(BaseSettings):
     #: Largest number of files and bytes one saga may ingest.
     max_source_files: int = Field(default=10_000, ge=1)
     max_source_bytes: int = Field(default=50 * 1024**3, ge=1)
-    #: Files up to this total size are hashed when the saga is accepted; larger sources are
-    #: hashed by bronze on first read and verified on any re-read.
-    hash_at_accept_max_bytes: int = Field(default=256 * 1024**2, ge=0)
+    #: Files up to this total size are hashed when the saga is accepted (after the request
+    #: passed every limit); larger sources are hashed by bronze on first read and verified on
+    #: any re-read, so that no POST spends more than a few milliseconds of CPU hashing.
+    hash_at_accept_max_bytes: int = Field(default=8 * 1024**2, ge=0)
     #: Largest number of bytes (gzip files counted decompressed) and rows one saga may ingest:
     #: a small compressed file can hold far more than ``max_source_bytes`` suggests.
     max_ingest_bytes: int = Field(default=50 * 1024**3, ge=1)

@@ -37,6 +37,7 @@ def steps(quick: bool) -> list[tuple[str, list[str]]]:
         ("orchestration", ["orchestration.py", *q, "--profile"]),
         ("api", ["api.py", *q, "--processes", "1,2"]),
         ("long_polls", ["long_polls.py", *q]),
+        ("claim", ["claim.py", *q]),
     ]
 
 
@@ -156,6 +157,7 @@ def machine_section(results: list[dict[str, Any]]) -> str:
 
 def render(quick: bool) -> str:
     import api
+    import claim
     import long_polls
     import orchestration
     import pipeline
@@ -238,14 +240,24 @@ def render(quick: bool) -> str:
                 "WARNING. Each POST names one source file of "
                 f"{api_result['source_bytes'] / 1024:,.0f} KiB (hashed at accept) and sends its own "
                 "Idempotency-Key; GETs read random sagas created by the POSTs. Server and client "
-                "CPU are in cores (CPU seconds per second). With the active-saga limit on (the "
-                "default, 100), a POST on PostgreSQL takes a transaction with an advisory lock and "
-                "a count instead of one autocommit statement. The POST target is met by the "
+                "CPU are in cores (CPU seconds per second). A POST on PostgreSQL is a transaction "
+                "that takes its partition's advisory lock (and, with the active-saga limit on, the "
+                "default, 100, its key's lock and a count) before the insert. The POST target is met by the "
                 "fastest level whose p99 is within 50 ms and whose answers were all 2xx.", "",
                 api.render(api_result), ""]
     polls = load("long_polls", quick)
     if polls:
         out += ["## Long polls", "", LONG_POLLS_TEXT, "", long_polls.render(polls), ""]
+    claims = [r for r in (load("claim", quick), load("claim-before", quick)) if r]
+    if claims:
+        out += ["## Claim cost with sagas queued behind a busy partition", "",
+                "`bench/claim.py`: `StepLog.claim_next` in one thread, with 0 and with N pending "
+                "sagas queued behind one running saga of the same partition. *idle*: nothing is "
+                "claimable (the claim finds nothing); *take*: one saga of another partition, "
+                "created after the queued ones, is claimed (with its first step's start). "
+                "*ratio*: p50 over the p50 with nothing queued, same backend.", ""]
+        for result in claims:
+            out += [f"{result['label']} (`{result['command']}`):", "", claim.render(result), ""]
     out += ["## Reproduce", "", "```bash",
             "make bench                                # creates .venv-bench, runs everything, "
             "renders this page",

@@ -19,6 +19,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
@@ -58,6 +59,12 @@ class SagaRow(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: The saga reached the head of its partition's FIFO queue: it is (or was) the oldest
+    #: unfinished saga of its (dataset, partition_date). Set when the saga is created into an
+    #: idle partition, or when the head before it finishes (in that saga's last transition);
+    #: never cleared. A claim looks only at pending heads (``ix_sagas_queue_head``), so sagas
+    #: queued behind a busy partition cost it nothing.
+    queue_head: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     #: Do not claim before this time (backoff of a step after the pivot).
     not_before: Mapped[datetime | None] = mapped_column(DateTime())
     created_at: Mapped[datetime] = mapped_column(DateTime())
@@ -67,10 +74,13 @@ class SagaRow(Base):
     __table_args__ = (
         CheckConstraint(_in_check("status", [s.value for s in SagaStatus]), name="status"),
         Index("ix_sagas_claim", "status", "lease_expires_at"),
-        Index("ix_sagas_partition", "dataset", "partition_date", "status"),
+        #: The sagas of a partition in FIFO order per status: the next head when one finishes.
+        Index("ix_sagas_partition", "dataset", "partition_date", "status", "created_at", "id"),
         Index("ix_sagas_created", "created_at", "id"),
         #: Claims walk the pending (and the abandoned) sagas oldest first and stop at the first.
         Index("ix_sagas_fifo", "status", "created_at", "id"),
+        #: Claims walk the pending queue heads oldest first and take the first.
+        Index("ix_sagas_queue_head", "queue_head", "status", "created_at", "id"),
         Index("ix_sagas_owner_status", "owner", "status"),
         UniqueConstraint("owner", "idempotency_key", name="uq_sagas_owner_idempotency_key"),
     )

@@ -6,7 +6,9 @@ compare-and-set of a step or saga status, and the event insert. SQLite runs them
 statements in one ``BEGIN IMMEDIATE`` transaction. PostgreSQL runs them as one statement of
 data-modifying CTEs in autocommit — one round trip, atomic as any single statement — where the
 fence is ``SELECT … FOR UPDATE``, and the event number is taken only if the compare-and-set
-matched, so a refused transition writes nothing.
+matched, so a refused transition writes nothing. A saga's creation and its last transition
+(which passes its partition's queue head on) run in a transaction that first takes the
+partition's advisory lock (``LOCK_PARTITION``), so that they never miss each other.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any, cast
 
 from sqlalchemy import (
     CTE,
+    Date,
     DateTime,
     Integer,
     Select,
@@ -36,6 +39,7 @@ from sqlalchemy import (
     union_all,
     update,
 )
+from sqlalchemy import cast as sql_cast
 from sqlalchemy.dialects.postgresql import JSONB, aggregate_order_by
 
 from app.db.models import SagaEventRow, SagaRow, SagaStepRow
@@ -54,6 +58,8 @@ BLOCKING = [
     SagaStatus.FAILED.value,
 ]
 ACTIVE = [s.value for s in ACTIVE_SAGA_STATUSES]
+#: Statuses that release the partition: reaching one passes its queue head on.
+RELEASING = frozenset({SagaStatus.SUCCEEDED, SagaStatus.COMPENSATED})
 EVENT_COLUMNS = ["saga_id", "seq", "kind", "step", "epoch", "payload", "created_at"]
 
 
@@ -152,8 +158,8 @@ def _count(source: CTE) -> Any:
 
 
 def _runnable(waiting: Any) -> Select[Any]:
-    """The oldest saga matching ``waiting`` that may run now (``c_now``) and has no older
-    blocking saga in its partition: walked in ``ix_sagas_fifo`` order, it stops at the first."""
+    """The oldest saga matching ``waiting`` (active sagas: a few per worker) that may run now
+    (``c_now``) and has no older blocking saga in its partition, in ``ix_sagas_fifo`` order."""
     other = SAGAS.alias("earlier")
     now = bindparam("c_now", type_=DateTime)
     earlier_blocker = exists().where(
@@ -174,9 +180,24 @@ def _runnable(waiting: Any) -> Select[Any]:
     )
 
 
+def _pending_head(waiting: Any) -> Select[Any]:
+    """The oldest pending queue head matching ``waiting`` that may run now (``c_now``): read
+    from ``ix_sagas_queue_head``, whatever number of sagas wait behind busy partitions (only
+    the head of a partition's queue is marked, see ``SagaRow.queue_head``)."""
+    now = bindparam("c_now", type_=DateTime)
+    return (
+        select(SAGAS.c.id, SAGAS.c.epoch, SAGAS.c.status, SAGAS.c.attempts, SAGAS.c.created_at)
+        .where(SAGAS.c.queue_head == true(), SAGAS.c.status == _status(SagaStatus.PENDING.value),
+               waiting, or_(SAGAS.c.not_before.is_(None), SAGAS.c.not_before <= now))
+        .order_by(SAGAS.c.created_at, SAGAS.c.id)
+        .limit(1)
+    )
+
+
 def _claimable(definitions: tuple[str, ...] | None) -> tuple[Select[Any], Select[Any]]:
-    """The claimable sagas in two kinds, each found in FIFO order: pending ones, and active
-    ones whose lease has expired (their worker died). A claim takes the older of the two.
+    """The claimable sagas in two kinds, each found in FIFO order: pending queue heads, and
+    active ones whose lease has expired (their worker died; an active saga is the head of its
+    partition). A claim takes the older of the two.
 
     With ``definitions``, only sagas of those definitions (the claiming worker's: a saga that
     only another release of lakesaga knows waits for a worker that knows it). They are names
@@ -187,7 +208,7 @@ def _claimable(definitions: tuple[str, ...] | None) -> tuple[Select[Any], Select
         if not all(name.isidentifier() for name in definitions):
             raise ValueError(f"saga definition names must be identifiers: {definitions}")
         known = SAGAS.c.definition.in_([_constant(name) for name in definitions])
-    pending = _runnable(and_(SAGAS.c.status == _status(SagaStatus.PENDING.value), known))
+    pending = _pending_head(known)
     abandoned = _runnable(and_(
         _status_in(SAGAS.c.status, ACTIVE),
         or_(SAGAS.c.lease_expires_at.is_(None),
@@ -448,7 +469,8 @@ def pg_step_finish(columns: tuple[str, ...]) -> Select[Any]:
         .where(SAGAS.c.id.in_(select(done.c.saga_id)))
         .values(status=SagaStatus.SUCCEEDED.value, event_seq=SAGAS.c.event_seq + 2,
                 updated_at=now, finished_at=now, lease_owner=None, lease_expires_at=None)
-        .returning(SAGAS.c.id, SAGAS.c.event_seq)
+        .returning(SAGAS.c.id, SAGAS.c.event_seq, SAGAS.c.dataset, SAGAS.c.partition_date,
+                   SAGAS.c.queue_head)
         .cte("finished")
     )
     step_event = _event_values(finished, bindparam("e_payload", type_=JSONB),
@@ -464,7 +486,7 @@ def pg_step_finish(columns: tuple[str, ...]) -> Select[Any]:
         .cte("logged")
     )
     return select(owned.c.status,
-                  _count(logged).label("logged"))
+                  _count(logged).label("logged")).add_cte(_promoted(finished))
 
 
 @functools.cache
@@ -496,7 +518,8 @@ def pg_saga_transition(target: SagaStatus, columns: tuple[str, ...]) -> Select[A
         .where(SAGAS.c.id == owned.c.id, _status_in(owned.c.status, saga_sources_of(target)))
         .values(status=target.value, event_seq=SAGAS.c.event_seq + 1,
                 **{name: bindparam(f"v_{name}") for name in columns})
-        .returning(SAGAS.c.id, SAGAS.c.event_seq, owned.c.status.label("previous"))
+        .returning(SAGAS.c.id, SAGAS.c.event_seq, owned.c.status.label("previous"),
+                   SAGAS.c.dataset, SAGAS.c.partition_date, SAGAS.c.queue_head)
         .cte("moved")
     )
     payload = func.jsonb_build_object(literal("from", String), moved.c.previous,
@@ -510,8 +533,10 @@ def pg_saga_transition(target: SagaStatus, columns: tuple[str, ...]) -> Select[A
         .returning(EVENTS.c.seq)
         .cte("logged")
     )
-    return select(owned.c.status,
-                  _count(logged).label("logged"))
+    result = select(owned.c.status, _count(logged).label("logged"))
+    if target in RELEASING:
+        result = result.add_cte(_promoted(moved))
+    return result
 
 
 # -- a new saga ------------------------------------------------------------------------------------
@@ -524,9 +549,14 @@ NEW_SAGA_COLUMNS = ("id", "definition", "dataset", "partition_date", "request", 
 def _new_saga() -> dict[str, Any]:
     values: dict[str, Any] = {name: bindparam(name, type_=SAGAS.c[name].type)
                               for name in NEW_SAGA_COLUMNS}
+    # The head of its partition's queue if nothing unfinished is ahead of it (on PostgreSQL
+    # under the partition's lock, LOCK_PARTITION: a head finishing meanwhile would not see it).
+    ahead = exists().where(SAGAS.c.dataset == values["dataset"],
+                           SAGAS.c.partition_date == values["partition_date"],
+                           _status_in(SAGAS.c.status, BLOCKING))
     return {**values, "updated_at": bindparam("created_at", type_=DateTime),
             "status": _status(SagaStatus.PENDING.value), "epoch": 0, "event_seq": 1,
-            "attempts": 0, "cancel_requested": False}
+            "attempts": 0, "cancel_requested": False, "queue_head": ~ahead}
 
 
 def _created_event(saga_id: Any) -> dict[str, Any]:
@@ -541,11 +571,71 @@ def _created_event(saga_id: Any) -> dict[str, Any]:
 #: Parameters: ``NEW_SAGA_COLUMNS``. An idempotency key already used raises IntegrityError.
 INSERT_SAGA = insert(SAGAS).values(_new_saga())
 INSERT_CREATED_EVENT = insert(EVENTS).values(_created_event(bindparam("id", type_=String)))
-#: How many unfinished sagas an owner has (``o_owner``).
-ACTIVE_OF_OWNER = select(func.count()).select_from(SAGAS).where(
-    SAGAS.c.owner == bindparam("o_owner"), _status_in(SAGAS.c.status, ACTIVE))
+#: How many unfinished sagas an owner has (``o_owner``): every saga that still holds work or
+#: its partition (``BLOCKING``: pending, running, compensating, and failed, which waits for an
+#: operator), counted up to ``o_limit`` (the limit: reading more would not change the answer).
+UNFINISHED_OF_OWNER = select(func.count()).select_from(
+    select(SAGAS.c.id).where(SAGAS.c.owner == bindparam("o_owner"),
+                             _status_in(SAGAS.c.status, BLOCKING))
+    .limit(bindparam("o_limit", type_=Integer)).subquery("unfinished"))
 #: Serializes the active-saga check of one owner (PostgreSQL; SQLite serializes all writers).
 LOCK_OWNER = select(func.pg_advisory_xact_lock(func.hashtext(bindparam("o_owner", type_=String))))
+
+
+def _partition_key(dataset: Any, partition_date: Any) -> Any:
+    return func.hashtext(dataset.op("||")(literal("/", String)).op("||")(
+        sql_cast(partition_date, String)))
+
+
+#: PostgreSQL: serializes the writes that move a partition's queue head, a saga's creation
+#: (``dataset``, ``partition_date``) and a head's finish (``LOCK_PARTITION_OF``, ``f_id``), so
+#: that a saga created while the head finishes is either seen by the finish or sees it
+#: finished (SQLite serializes all writers). Advisory locks of two int keys, which never
+#: collide with LOCK_OWNER's one bigint key.
+_PARTITION_LOCKS = func.hashtext(literal("lakesaga.partition", String))
+LOCK_PARTITION = select(func.pg_advisory_xact_lock(_PARTITION_LOCKS, _partition_key(
+    bindparam("dataset", type_=String), bindparam("partition_date", type_=Date))))
+LOCK_PARTITION_OF = (
+    select(func.pg_advisory_xact_lock(_PARTITION_LOCKS,
+                                      _partition_key(SAGAS.c.dataset, SAGAS.c.partition_date)))
+    .where(SAGAS.c.id == bindparam("f_id"))
+)
+
+
+def _next_head(done: Any) -> Any:
+    """The id of the oldest pending saga of ``done``'s partition (``ix_sagas_partition``)."""
+    waiting = SAGAS.alias("waiting")
+    return (select(waiting.c.id)
+            .where(waiting.c.dataset == done.c.dataset,
+                   waiting.c.partition_date == done.c.partition_date,
+                   waiting.c.status == _status(SagaStatus.PENDING.value))
+            .order_by(waiting.c.created_at, waiting.c.id)
+            .limit(1)
+            .scalar_subquery())
+
+
+_done = SAGAS.alias("done")
+#: SQLite, in the transaction of a head's last transition (``f_id``; succeeded or
+#: compensated): the next saga of its partition becomes the head.
+PROMOTE_NEXT_HEAD = (
+    update(SAGAS)
+    .where(SAGAS.c.id == select(_next_head(_done)).where(
+        _done.c.id == bindparam("f_id"), _done.c.queue_head == true()).scalar_subquery())
+    .values(queue_head=True)
+)
+
+
+def _promoted(done: CTE) -> CTE:
+    """PostgreSQL: ``PROMOTE_NEXT_HEAD`` after ``done`` (a data-modifying CTE returning the
+    finished saga's ``dataset``, ``partition_date`` and ``queue_head``), in its statement."""
+    return (
+        update(SAGAS)
+        .where(SAGAS.c.id == select(_next_head(done)).where(done.c.queue_head == true())
+               .scalar_subquery())
+        .values(queue_head=True)
+        .returning(SAGAS.c.id)
+        .cte("promoted")
+    )
 
 
 def _step_rows(saga_id: Any, names: tuple[str, ...]) -> list[dict[str, Any]]:

@@ -10,8 +10,9 @@ each backend runs them (one transaction on SQLite, one statement on PostgreSQL).
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Concatenate, NamedTuple, ParamSpec, TypeVar, cast
@@ -163,9 +164,11 @@ class StepLog:
 
         With an idempotency key already used, returns the existing saga (created=False); the
         caller compares fingerprints. With ``max_active``, raises ActiveLimitReached if the
-        owner already has that many unfinished sagas (checked under a per-owner lock).
-        PostgreSQL writes it all in one statement (without ``max_active``, in autocommit: one
-        round trip); SQLite in one ``BEGIN IMMEDIATE`` transaction of three inserts.
+        owner already has that many unfinished sagas (checked under a per-owner lock). The
+        saga is its partition's queue head if nothing unfinished is ahead of it.
+        PostgreSQL writes it all in one statement, in a transaction that holds the partition's
+        lock (``LOCK_PARTITION``); SQLite in one ``BEGIN IMMEDIATE`` transaction of three
+        inserts.
         """
         now = utcnow()
         params = {"id": new.id, "definition": new.definition, "dataset": new.dataset,
@@ -177,9 +180,10 @@ class StepLog:
         conflict: IntegrityError | None = None
         try:
             if self.db.is_postgres:
-                with self.db.writing() if max_active else self.db.autocommit() as conn:
+                with self.db.writing() as conn:
                     if max_active:
                         self._check_active(conn, new.owner, max_active)
+                    run_on_driver(conn, sql.LOCK_PARTITION, params)
                     created = run_on_driver(conn, sql.pg_create_saga(names), params).first()
             else:
                 with self.db.writing() as conn:
@@ -204,13 +208,30 @@ class StepLog:
                                "idempotency key") from conflict
         return existing, False
 
+    def check_active_limit(self, owner: str, max_active: int) -> None:
+        """Raise ActiveLimitReached if ``owner`` has ``max_active`` unfinished sagas (pending,
+        running, compensating or failed). A read without a lock: the admission check before any
+        costly work; ``create_saga`` checks again under the owner's lock."""
+        with self.db.reading() as conn:
+            _refuse_over_limit(conn, owner, max_active)
+
     def _check_active(self, conn: Connection, owner: str, max_active: int) -> None:
         if self.db.is_postgres:  # SQLite already serializes writers (BEGIN IMMEDIATE)
             run_on_driver(conn, sql.LOCK_OWNER, {"o_owner": owner})
-        active = run_on_driver(conn, sql.ACTIVE_OF_OWNER, {"o_owner": owner}).rows[0][0]
-        if active >= max_active:
-            raise ActiveLimitReached(f"{active} sagas of this key are unfinished "
-                                     f"(limit {max_active})")
+        _refuse_over_limit(conn, owner, max_active)
+
+    @contextlib.contextmanager
+    def _holding_partition(self, saga_id: str, releasing: bool) -> Iterator[Connection]:
+        """PostgreSQL: where a one-statement transition runs. One that finishes the saga
+        (``releasing``) passes its partition's queue head on, in a transaction that first takes
+        the partition's lock (``LOCK_PARTITION_OF``); any other runs in autocommit."""
+        if not releasing:
+            with self.db.autocommit() as conn:
+                yield conn
+            return
+        with self.db.writing() as conn:
+            run_on_driver(conn, sql.LOCK_PARTITION_OF, {"f_id": saga_id})
+            yield conn
 
     def find_by_idempotency_key(self, owner: str, key: str) -> SagaRow | None:
         with self.db.read_sessions() as s:
@@ -365,7 +386,7 @@ class StepLog:
         params = {"f_id": saga_id, "f_epoch": epoch, "f_now": now,
                   **{f"v_{name}": values[name] for name in names}}
         if self.db.is_postgres:
-            with self.db.autocommit() as conn:
+            with self._holding_partition(saga_id, target in sql.RELEASING) as conn:
                 row = run_on_driver(conn, sql.pg_saga_transition(target, names),
                                     {**params, "e_payload": payload}).first()
             if row is None:
@@ -381,6 +402,8 @@ class StepLog:
                                     {**params, "c_from": current.status.value})
                 if cas.rowcount != 1:
                     raise LostOwnership(f"compare-and-set failed: {saga_id}")
+                if target in sql.RELEASING:
+                    run_on_driver(conn, sql.PROMOTE_NEXT_HEAD, {"f_id": saga_id})
                 _insert_event(conn, saga_id, seq, epoch, "status", None,
                               {"from": current.status.value, **payload}, now)
         fault_point(f"saga.{target.value}")
@@ -466,7 +489,7 @@ class StepLog:
                                                 start.unless_cancelled)
                 params.update(n_step=start.step, n_kind="step_started", n_payload=start.event(),
                               **{f"n_v_{name}": value for name, value in next_values.items()})
-            with self.db.autocommit() as conn:
+            with self._holding_partition(saga_id, start is None) as conn:
                 row = run_on_driver(conn, statement, params).first()
             if row is None:
                 raise LostOwnership(f"saga {saga_id}: epoch {epoch} is no longer the owner")
@@ -578,6 +601,14 @@ class StepLog:
             return s.get(SagaRow, saga_id)
 
 
+def _refuse_over_limit(conn: Connection, owner: str, max_active: int) -> None:
+    unfinished = run_on_driver(conn, sql.UNFINISHED_OF_OWNER,
+                               {"o_owner": owner, "o_limit": max_active}).rows[0][0]
+    if unfinished >= max_active:
+        raise ActiveLimitReached(f"this key has reached its limit of {max_active} unfinished "
+                                 "sagas (LAKESAGA_MAX_ACTIVE_SAGAS_PER_KEY)")
+
+
 def lock_owned(s: Session | Connection, saga_id: str, epoch: int) -> str:
     """Touch the saga row under the caller's epoch (locking it) and return its status.
 
@@ -634,6 +665,7 @@ def _start_or_finish(conn: Connection, saga_id: str, epoch: int, saga: SagaState
             **{f"v_{name}": values[name] for name in names}})
         if cas.rowcount != 1:
             raise LostOwnership(f"compare-and-set failed: {saga_id}")
+        run_on_driver(conn, sql.PROMOTE_NEXT_HEAD, {"f_id": saga_id})
         return _Event("status", None, _SAGA_SUCCEEDED_EVENT)
     if start.unless_cancelled and saga.cancel_requested:
         return None

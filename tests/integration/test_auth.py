@@ -329,7 +329,7 @@ def test_active_saga_limit__is_429_per_key(live_factory: Callable[..., Live]) ->
     first = live.submit()
     assert first.status_code == 202, first.text
     second = live.submit(path="clickstream/2026-01-07/*.ndjson", partition_date="2026-01-07")
-    assert "limit 1" in _problem(second, 429)["detail"]
+    assert "limit of 1 unfinished sagas" in _problem(second, 429)["detail"]
     assert second.headers["retry-after"].isdigit()
     other = live.client.post("/sagas", headers=_bearer(_key(live, "write")), json={
         "dataset": "clickstream", "partition_date": "2026-01-07",
@@ -340,6 +340,41 @@ def test_active_saga_limit__is_429_per_key(live_factory: Callable[..., Live]) ->
     assert again.status_code == 202, again.text
     for saga in (other, again):
         assert live.wait(saga.json()["id"])["status"] == "succeeded"
+
+
+def _fill_one_partition(live: Live, count: int) -> list[httpx.Response]:
+    """``count`` POSTs to one partition: the first saga runs (it sleeps in bronze), the others
+    wait behind it, pending."""
+    live.generate()
+    return [live.submit() for _ in range(count)]
+
+
+def test_active_saga_limit__counts_pending_sagas(live_factory: Callable[..., Live]) -> None:
+    live = live_factory(max_active_sagas_per_key=3, faults="ingest_to_bronze=sleep:1000@1")
+    accepted = _fill_one_partition(live, 3)
+    assert [r.status_code for r in accepted] == [202, 202, 202]
+    assert {r.json()["status"] for r in accepted} == {"pending"}
+
+    fourth = live.submit()
+    assert "its limit of 3 unfinished sagas" in _problem(fourth, 429)["detail"]
+    assert fourth.headers["retry-after"].isdigit()
+    assert live.table_counts()["sagas"] == 3
+
+
+def test_active_saga_limit__is_checked_before_the_source_is_hashed(
+        live_factory: Callable[..., Live], monkeypatch: pytest.MonkeyPatch) -> None:
+    import app.lakehouse.sources as sources
+
+    hashed: list[Path] = []
+    real = sources.sha256_file
+    monkeypatch.setattr(sources, "sha256_file", lambda path, **kw: (hashed.append(path),
+                                                                      real(path, **kw))[1])
+    live = live_factory(max_active_sagas_per_key=1, faults="ingest_to_bronze=sleep:1000@1")
+    assert _fill_one_partition(live, 1)[0].status_code == 202
+    assert len(hashed) == 3  # the first saga's three files, at accept
+
+    _problem(live.submit(), 429)
+    assert len(hashed) == 3  # refused without reading its source
 
 
 # -- who may do what ------------------------------------------------------------------------------

@@ -221,3 +221,32 @@ def test_checker__failed_saga_is_I1_unless_allowed(baseline: Baseline) -> None:
 
     _assert_detected(baseline.check(), "I1", saga_id, "failed")
     assert "I1" not in _codes(baseline.checker.check(allow_failed=True))
+
+
+def test_checker__empty_ingestion_is_no_violation(live_factory: Callable[..., Live]) -> None:
+    # A header-only file is a legitimate ingestion: the saga succeeds with 0 rows, and silver
+    # and gold of the partition hold no row of any writer.
+    live = live_factory()
+    folder = live.source_root / "headers"
+    folder.mkdir()
+    (folder / "only-header.csv").write_text(
+        "event_id,user_id,session_id,event_type,page_url,referrer,device,country,event_ts,"
+        "duration_ms\n")
+    resp = live.client.post("/sagas", json={"dataset": "clickstream", "partition_date": GOOD_DAY,
+                                            "source": {"path": "headers/*.csv",
+                                                       "format": "csv"}})
+    assert resp.status_code == 202, resp.text
+    saga = live.wait(resp.json()["id"])
+    assert saga["status"] == "succeeded", saga["error"]
+    settings = live.settings
+    live.stop()
+    db, lake = Database(settings.database_url), Lake(settings)
+    try:
+        report = InvariantChecker(db, lake, load_datasets(settings.datasets_dir),
+                                  settings.source_root).check()
+    finally:
+        lake.close()
+        db.dispose()
+
+    assert report.ok, _show(report)
+    assert report.stats["succeeded"] == 1

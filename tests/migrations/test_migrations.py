@@ -273,3 +273,28 @@ def test_cli_db_upgrade__concurrent_processes(database_url: str, tmp_path: Path)
         assert returncode == 0, err
     assert current_revision(database_url) == head_revision(database_url)
     assert schema_diff(database_url) == []
+
+
+def test_upgrade_0031__marks_the_oldest_unfinished_saga_of_each_partition_its_queue_head(
+        database_url: str) -> None:
+    migrate.upgrade(database_url, "0003")
+    sagas = [  # id, partition day, status, minute created
+        ("done", 6, "succeeded", 0), ("stuck", 6, "failed", 1), ("behind", 6, "pending", 2),
+        ("alone", 7, "pending", 3), ("later", 7, "pending", 4), ("active", 8, "running", 5),
+        ("over", 9, "compensated", 6)]
+    with connect(database_url) as conn:
+        for saga_id, day, status, minute in sagas:
+            conn.execute(text(
+                "INSERT INTO sagas (id, definition, dataset, partition_date, status, request, "
+                "manifest, owner, request_fingerprint, epoch, event_seq, attempts, "
+                "cancel_requested, created_at, updated_at) VALUES (:id, 'ingest', 'clickstream', "
+                ":day, :status, '{}', '{}', '', '', 0, 0, 0, false, :at, :at)"),
+                {"id": saga_id, "day": f"2026-01-0{day}", "status": status,
+                 "at": f"2026-01-01 10:{minute:02d}:00"})
+        conn.commit()
+
+    migrate.upgrade(database_url)
+
+    with connect(database_url) as conn:
+        heads = dict(conn.execute(text("SELECT id, queue_head FROM sagas")).all())
+    assert {saga_id for saga_id, head in heads.items() if head} == {"stuck", "alone", "active"}
