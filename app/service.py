@@ -4,21 +4,20 @@ partitions and consumers, plus the process's executor and webhook dispatcher."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import hashlib
 import json
 import logging
 import uuid
-from datetime import date, datetime
+from datetime import date
 from typing import Any
 
-from sqlalchemy import BigInteger, Select, and_, bindparam, cast, delete, func, or_, select
+from sqlalchemy import and_, bindparam, delete, func, or_, select
 from sqlalchemy.exc import IntegrityError
 
 from app.auth import Principal, RateLimiter
 from app.db.migrate import upgrade
-from app.db.models import ConsumerRow, OutboxRow, SagaRow, SagaStepRow
+from app.db.models import ConsumerRow, OutboxRow, SagaRow
 from app.db.session import Database, run_on_driver
 from app.errors import Problem
 from app.faults import configure_faults
@@ -35,16 +34,22 @@ from app.saga.states import FINISHED_SAGA_STATUSES, SagaStatus, StepStatus
 from app.saga.step_log import ActiveLimitReached, NewSaga, StepLog, rowcount, utcnow
 from app.saga.watch import SagaWatch, WaitLimitReached
 from app.settings import Settings
+from app.views import (
+    accepted_view,
+    consumer_view,
+    decode_cursor,
+    encode_cursor,
+    iso,
+    saga_query,
+    saga_summary,
+    step_view,
+)
 
 log = logging.getLogger("lakesaga.service")
 DEFINITION = "lakehouse_ingestion"
 #: How often this process's watch reads the versions of the sagas requests wait on (changes
 #: made by another process, webhook deliveries).
 WAIT_POLL_S = 0.2
-
-
-def iso(value: datetime | None) -> str | None:
-    return value.isoformat() + "Z" if value else None
 
 
 def fingerprint(body: dict[str, Any]) -> str:
@@ -69,7 +74,7 @@ class Service:
         self.auth_failures = RateLimiter(settings.auth_failure_rate_per_s,
                                          settings.auth_failure_burst)
         self.executor: Executor | None = None
-        self._saga_query = _saga_query(self.db.is_postgres)
+        self._saga_query = saga_query(self.db.is_postgres)
         self._dispatcher: Any = None
         self._lake: Any = None
 
@@ -183,7 +188,7 @@ class Service:
             return self._replay(row.id, row.request_fingerprint, print_fp), False
         if self.executor is not None:
             self.executor.wake()
-        return _accepted_view(row, LakehouseIngestionSaga.step_names()), True
+        return accepted_view(row, LakehouseIngestionSaga.step_names()), True
 
     def _admit(self, owner: str, max_active: int) -> None:
         try:
@@ -205,13 +210,13 @@ class Service:
             rows = run_on_driver(conn, self._saga_query, {"saga_id": saga_id}).rows
             if not rows:
                 raise Problem(404, "Saga not found", f"no saga with id {saga_id!r}")
-            steps = [_step_view(row) for row in rows if row.step_name is not None]
+            steps = [step_view(row) for row in rows if row.step_name is not None]
             past_pivot = any(step["name"] == LakehouseIngestionSaga.pivot
                              and step["status"] == StepStatus.SUCCEEDED for step in steps)
             deliveries = deliveries_for_saga(conn, saga_id) if past_pivot else []
         row = rows[0]
         return {
-            **_saga_summary(row),
+            **saga_summary(row),
             "source": row.source,
             "manifest": {"files": row.manifest_files, "total_bytes": row.manifest_bytes,
                          "format": row.manifest_format},
@@ -266,15 +271,15 @@ class Service:
         if partition_date:
             query = query.where(SagaRow.partition_date == partition_date)
         if cursor:
-            created, last_id = _decode_cursor(cursor)
+            created, last_id = decode_cursor(cursor)
             query = query.where(or_(SagaRow.created_at < created,
                                     and_(SagaRow.created_at == created, SagaRow.id < last_id)))
         query = query.order_by(SagaRow.created_at.desc(), SagaRow.id.desc()).limit(limit + 1)
         with self.db.read_sessions() as session:
             rows = list(session.scalars(query))
         page, more = rows[:limit], len(rows) > limit
-        next_cursor = _encode_cursor(page[-1]) if more and page else None
-        return {"items": [_saga_summary(r) for r in page], "next_cursor": next_cursor}
+        next_cursor = encode_cursor(page[-1]) if more and page else None
+        return {"items": [saga_summary(r) for r in page], "next_cursor": next_cursor}
 
     def events(self, saga_id: str, after: int, limit: int) -> dict[str, Any]:
         self.saga_exists(saga_id)
@@ -352,7 +357,7 @@ class Service:
             raise Problem(409, "Consumer exists",
                           f"dataset {spec.name} already has a consumer named {body['name']!r}",
                           ) from exc
-        return {**_consumer_view(row), "secret": standard_form(secret)}
+        return {**consumer_view(row), "secret": standard_form(secret)}
 
     def consumers(self, dataset: str | None, *, full_urls: bool) -> list[dict[str, Any]]:
         """Registered consumers; their URLs in full only with ``full_urls`` (admin callers),
@@ -361,7 +366,7 @@ class Service:
         if dataset:
             query = query.where(ConsumerRow.dataset == dataset)
         with self.db.read_sessions() as s:
-            views = [_consumer_view(r) for r in s.scalars(query)]
+            views = [consumer_view(r) for r in s.scalars(query)]
         if not full_urls:
             views = [{**view, "url": redact_url(view["url"])} for view in views]
         return views
@@ -392,108 +397,8 @@ def _too_many_active(exc: ActiveLimitReached) -> Problem:
                    "retries it)", headers={"Retry-After": "5"})
 
 
-def _consumer_view(row: ConsumerRow) -> dict[str, Any]:
-    return {"id": row.id, "name": row.name, "dataset": row.dataset, "url": row.url,
-            "created_at": iso(row.created_at)}
-
-
-_SUMMARY_COLUMNS = ("id", "definition", "dataset", "partition_date", "status", "error",
-                    "attempts", "epoch", "cancel_requested", "created_at", "updated_at",
-                    "finished_at")
-#: Step columns as ``step_<attribute>`` (the saga's own ``status`` and ``error`` keep theirs).
-_STEP_COLUMNS = [SagaStepRow.step.label("step_name"), *(column.label(f"step_{column.key}") for column in (
-    SagaStepRow.status, SagaStepRow.attempt, SagaStepRow.started_at, SagaStepRow.finished_at,
-    SagaStepRow.output, SagaStepRow.error, SagaStepRow.compensation_attempt,
-    SagaStepRow.compensation_output, SagaStepRow.compensation_error,
-    SagaStepRow.compensation_started_at, SagaStepRow.compensation_finished_at))]
 _IDEMPOTENT_QUERY = select(SagaRow.id, SagaRow.request_fingerprint).where(
     SagaRow.owner == bindparam("owner"), SagaRow.idempotency_key == bindparam("key"))
-
-
-def _saga_query(postgres: bool) -> Select[Any]:
-    """The saga with one row per step, its manifest summarized by the database: a manifest
-    lists every source file (up to LAKESAGA_MAX_SOURCE_FILES), the resource shows counts."""
-    count = (func.jsonb_array_length(SagaRow.manifest["files"]) if postgres
-             else func.json_array_length(SagaRow.manifest, "$.files"))
-    return (
-        select(
-            *(getattr(SagaRow, name) for name in _SUMMARY_COLUMNS),
-            SagaRow.request["source"].label("source"),
-            count.label("manifest_files"),
-            cast(SagaRow.manifest["total_bytes"].as_string(), BigInteger).label("manifest_bytes"),
-            SagaRow.manifest["format"].as_string().label("manifest_format"),
-            *_STEP_COLUMNS,
-        )
-        .outerjoin(SagaStepRow, SagaStepRow.saga_id == SagaRow.id)
-        .where(SagaRow.id == bindparam("saga_id"))
-        .order_by(SagaStepRow.position)
-    )
-
-
-def _accepted_view(row: SagaRow, step_names: list[str]) -> dict[str, Any]:
-    """The resource of a saga just inserted, from what was written (no read back): every step
-    pending, no deliveries; equal to what ``Service.saga`` reads until a worker claims it."""
-    manifest = row.manifest
-    return {
-        **_saga_summary(row),
-        "source": row.request.get("source"),
-        "manifest": {"files": len(manifest["files"]), "total_bytes": manifest["total_bytes"],
-                     "format": manifest["format"]},
-        "steps": [{"name": name, "status": StepStatus.PENDING.value, "attempt": 0,
-                   "started_at": None, "finished_at": None, "duration_s": None, "metrics": {},
-                   "error": None, "compensation": None} for name in step_names],
-        "deliveries": [],
-    }
-
-
-def _saga_summary(row: Any) -> dict[str, Any]:
-    """The summary of a saga from a ``SagaRow`` or a row with its columns by name."""
-    return {
-        "id": row.id,
-        "definition": row.definition,
-        "dataset": row.dataset,
-        "partition_date": row.partition_date.isoformat(),
-        "status": row.status,
-        "error": row.error,
-        "attempts": row.attempts,
-        "epoch": row.epoch,
-        "cancel_requested": row.cancel_requested,
-        "created_at": iso(row.created_at),
-        "updated_at": iso(row.updated_at),
-        "finished_at": iso(row.finished_at),
-    }
-
-
-def _step_view(row: Any) -> dict[str, Any]:
-    """A step of the saga resource, from a row of the saga query (``step_*`` columns)."""
-    compensation = None
-    if row.step_compensation_attempt:
-        compensation = {
-            "status": "compensated" if row.step_status == "compensated" else "compensating",
-            "attempt": row.step_compensation_attempt,
-            "started_at": iso(row.step_compensation_started_at),
-            "finished_at": iso(row.step_compensation_finished_at),
-            "metrics": row.step_compensation_output or {},
-            "error": row.step_compensation_error,
-        }
-    started, finished = row.step_started_at, row.step_finished_at
-    return {
-        "name": row.step_name,
-        "status": row.step_status,
-        "attempt": row.step_attempt,
-        "started_at": iso(started),
-        "finished_at": iso(finished),
-        "duration_s": (round((finished - started).total_seconds(), 3)
-                       if started and finished else None),
-        "metrics": row.step_output or {},
-        "error": row.step_error,
-        "compensation": compensation,
-    }
-
-
-def _encode_cursor(row: SagaRow) -> str:
-    raw = f"{row.created_at.isoformat()}|{row.id}"
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
 _VERSIONS = select(
@@ -501,14 +406,3 @@ _VERSIONS = select(
     select(func.coalesce(func.sum(OutboxRow.attempts + 1), 0))
     .where(OutboxRow.saga_id == SagaRow.id).scalar_subquery(),
 ).where(SagaRow.id.in_(bindparam("ids", expanding=True)))
-
-
-def _decode_cursor(cursor: str) -> tuple[datetime, str]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        created, saga_id = raw.split("|", 1)
-        if not saga_id.isprintable():  # NUL, say: PostgreSQL text cannot hold it
-            raise ValueError(saga_id)
-        return datetime.fromisoformat(created), saga_id
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise Problem(400, "Invalid cursor", "cursor is not one this API returned") from exc
