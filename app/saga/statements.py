@@ -157,38 +157,12 @@ def _count(source: CTE) -> Any:
     return select(func.count()).select_from(source).scalar_subquery()
 
 
-def _runnable(waiting: Any) -> Select[Any]:
-    """The oldest saga matching ``waiting`` (active sagas: a few per worker) that may run now
-    (``c_now``) and has no older blocking saga in its partition, in ``ix_sagas_fifo`` order."""
-    other = SAGAS.alias("earlier")
-    now = bindparam("c_now", type_=DateTime)
-    earlier_blocker = exists().where(
-        other.c.dataset == SAGAS.c.dataset,
-        other.c.partition_date == SAGAS.c.partition_date,
-        _status_in(other.c.status, BLOCKING),
-        or_(
-            other.c.created_at < SAGAS.c.created_at,
-            and_(other.c.created_at == SAGAS.c.created_at, other.c.id < SAGAS.c.id),
-        ),
-    )
-    return (
-        select(SAGAS.c.id, SAGAS.c.epoch, SAGAS.c.status, SAGAS.c.attempts, SAGAS.c.created_at)
-        .where(waiting, or_(SAGAS.c.not_before.is_(None), SAGAS.c.not_before <= now),
-               ~earlier_blocker)
-        .order_by(SAGAS.c.created_at, SAGAS.c.id)
-        .limit(1)
-    )
-
-
-def _pending_head(waiting: Any) -> Select[Any]:
-    """The oldest pending queue head matching ``waiting`` that may run now (``c_now``): read
-    from ``ix_sagas_queue_head``, whatever number of sagas wait behind busy partitions (only
-    the head of a partition's queue is marked, see ``SagaRow.queue_head``)."""
+def _oldest_ready(waiting: Any) -> Select[Any]:
+    """The oldest saga matching ``waiting`` that may run now (``c_now``), in FIFO order."""
     now = bindparam("c_now", type_=DateTime)
     return (
         select(SAGAS.c.id, SAGAS.c.epoch, SAGAS.c.status, SAGAS.c.attempts, SAGAS.c.created_at)
-        .where(SAGAS.c.queue_head == true(), SAGAS.c.status == _status(SagaStatus.PENDING.value),
-               waiting, or_(SAGAS.c.not_before.is_(None), SAGAS.c.not_before <= now))
+        .where(waiting, or_(SAGAS.c.not_before.is_(None), SAGAS.c.not_before <= now))
         .order_by(SAGAS.c.created_at, SAGAS.c.id)
         .limit(1)
     )
@@ -208,8 +182,14 @@ def _claimable(definitions: tuple[str, ...] | None) -> tuple[Select[Any], Select
         if not all(name.isidentifier() for name in definitions):
             raise ValueError(f"saga definition names must be identifiers: {definitions}")
         known = SAGAS.c.definition.in_([_constant(name) for name in definitions])
-    pending = _pending_head(known)
-    abandoned = _runnable(and_(
+    # Read from ix_sagas_queue_head whatever number of sagas wait behind busy partitions.
+    pending = _oldest_ready(and_(SAGAS.c.queue_head == true(),
+                                 SAGAS.c.status == _status(SagaStatus.PENDING.value), known))
+    # An active saga was its partition's head when first claimed and stays head until it
+    # finishes: nothing else in its partition can block its resumption. (A test of "no older
+    # unfinished saga" here stranded a head created, and committed, before an older-stamped
+    # saga: neither could ever be claimed again.)
+    abandoned = _oldest_ready(and_(
         _status_in(SAGAS.c.status, ACTIVE),
         or_(SAGAS.c.lease_expires_at.is_(None),
             SAGAS.c.lease_expires_at < bindparam("c_now", type_=DateTime)),

@@ -152,3 +152,34 @@ def test_queue_head__a_saga_created_while_the_head_finishes_is_never_stranded(
                 .where(SagaRow.status == SagaStatus.PENDING.value)
                 .order_by(SagaRow.created_at, SagaRow.id)))
         assert [head for _, head in waiting] == [True], waiting
+
+
+def test_queue_head__resumes_a_head_stamped_after_a_saga_queued_behind_it(
+        db: Database, step_log: StepLog, monkeypatch: Any) -> None:
+    # Two POSTs to one partition can commit in the opposite order to their created_at (the
+    # time is taken before the write lock; or hosts' clocks differ): the later-stamped saga
+    # committed first is the head. Its resumption after a lost lease must not wait for the
+    # older-stamped saga queued behind it, which waits for the head: neither would ever run.
+    import app.saga.step_log as step_log_module
+    from sqlalchemy import update
+
+    from app.db.models import SagaRow
+
+    stamped = utcnow()
+    monkeypatch.setattr(step_log_module, "utcnow", lambda: stamped + timedelta(milliseconds=5))
+    head = _create(step_log, BUSY)
+    monkeypatch.setattr(step_log_module, "utcnow", lambda: stamped)
+    behind = _create(step_log, BUSY)
+    monkeypatch.undo()
+
+    claim = step_log.claim_next("w", lease_ttl_s=30)
+    assert claim is not None and claim.saga_id == head
+    assert step_log.claim_next("w", lease_ttl_s=30) is None  # behind waits for the head
+    with db.transaction() as s:
+        s.execute(update(SagaRow).where(SagaRow.id == head)
+                  .values(lease_expires_at=utcnow() - timedelta(minutes=5)))
+
+    resumed = step_log.claim_next("w2", lease_ttl_s=30)
+    assert resumed is not None and resumed.saga_id == head
+    assert step_log.claim_next("w2", lease_ttl_s=30) is None  # still one at a time
+    assert behind != head
