@@ -230,6 +230,16 @@ class PinnedSources:
         if info.st_size != entry["size"] or info.st_mtime != entry["mtime"]:
             raise SourceChanged(f"source file {name} changed after the saga was accepted "
                                 f"(size {entry['size']} -> {info.st_size})")
+        if not entry.get("sha256"):
+            # Too large to be hashed at accept: the inode and its ctime (which no user can set)
+            # stand in for the hash, so a same-size rewrite with its mtime put back is caught.
+            # Manifests frozen before they were recorded have neither.
+            if entry.get("inode", info.st_ino) != info.st_ino:
+                raise SourceChanged(f"source file {name} changed after the saga was accepted "
+                                    "(replaced by another file)")
+            if entry.get("ctime_ns", info.st_ctime_ns) != info.st_ctime_ns:
+                raise SourceChanged(f"source file {name} changed after the saga was accepted "
+                                    "(written to, or its metadata changed)")
         digest = hashlib.sha256()
         inflate = _Inflater(name, self._over_bytes) if compression_of(name) == "gzip" else None
         offset = 0

@@ -191,7 +191,10 @@ def _entry(root: Path, match: Path) -> dict[str, Any] | None:
         relative.encode("utf-8")
     except UnicodeEncodeError:
         raise SourceError("source.path matches a file whose name is not valid UTF-8") from None
-    return {"path": relative, "size": info.st_size, "mtime": info.st_mtime}
+    # The inode and its ctime (which no user can set) tell bronze that a file too large to be
+    # hashed here is the one accepted, unwritten since.
+    return {"path": relative, "size": info.st_size, "mtime": info.st_mtime,
+            "inode": info.st_ino, "ctime_ns": info.st_ctime_ns}
 
 
 def _resolve_inside(root: Path, path: Path) -> Path:

@@ -392,3 +392,24 @@ def test_spec_sql__rule_accepted_iff_it_reads_only_its_row(
         _RUNTIME.cursor().execute(f"SELECT coalesce(({pasted}), FALSE) FROM silver_rows "
                                   f"WHERE {silver.PARTITION_DATE} IS NOT NULL",
                                   {"partition_date": "2026-01-06"}).fetchall()
+
+
+def test_verify_manifest__unhashed_file_rewritten_with_its_mtime_restored_is_caught() -> None:
+    # A source too large to be hashed at accept has no sha256 in its manifest: a same-size
+    # rewrite with the mtime put back is caught by the inode's ctime, a rename-swap by the inode.
+    for swap in ("rewrite", "rename"):
+        with tree([]) as root:
+            path = root / "f.ndjson"
+            path.write_bytes(b'{"a": "1"}\n')
+            manifest = resolve_manifest(root, "f.ndjson", "json", max_files=1, max_bytes=100,
+                                        hash_max_bytes=0)
+            assert "sha256" not in manifest["files"][0]
+            info = path.stat()
+            if swap == "rewrite":
+                path.write_bytes(b'{"a": "2"}\n')
+            else:
+                (root / "g.tmp").write_bytes(b'{"a": "2"}\n')
+                os.replace(root / "g.tmp", path)
+            os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))
+            with pytest.raises(SourceChanged, match=r"^source file f\.ndjson changed after"):
+                verify_manifest(root, manifest, {})
