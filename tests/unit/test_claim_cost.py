@@ -160,9 +160,9 @@ def test_queue_head__resumes_a_head_stamped_after_a_saga_queued_behind_it(
     # time is taken before the write lock; or hosts' clocks differ): the later-stamped saga
     # committed first is the head. Its resumption after a lost lease must not wait for the
     # older-stamped saga queued behind it, which waits for the head: neither would ever run.
-    import app.saga.step_log as step_log_module
     from sqlalchemy import update
 
+    import app.saga.step_log as step_log_module
     from app.db.models import SagaRow
 
     stamped = utcnow()
