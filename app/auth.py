@@ -144,13 +144,6 @@ class RateLimiter:
 
     def take(self, key: str) -> float | None:
         """Spend one token; None if allowed, else the seconds until one is available."""
-        return self._tokens(key, spend=True)
-
-    def wait_s(self, key: str) -> float | None:
-        """The seconds until ``key`` has a token again, without spending one; None if it has."""
-        return self._tokens(key, spend=False)
-
-    def _tokens(self, key: str, *, spend: bool) -> float | None:
         if self.rate <= 0:
             return None
         now = time.monotonic()
@@ -158,9 +151,8 @@ class RateLimiter:
             tokens, last = self._buckets.get(key, (float(self.burst), now))
             tokens = min(float(self.burst), tokens + (now - last) * self.rate)
             wait_s = (1 - tokens) / self.rate if tokens < 1 else None
-            if spend or key in self._buckets:
-                self._buckets[key] = (tokens - 1 if spend and wait_s is None else tokens, now)
-                self._buckets.move_to_end(key)
-                if len(self._buckets) > self.max_keys:
-                    self._buckets.popitem(last=False)
+            self._buckets[key] = (tokens if wait_s is not None else tokens - 1, now)
+            self._buckets.move_to_end(key)
+            if len(self._buckets) > self.max_keys:
+                self._buckets.popitem(last=False)
             return wait_s

@@ -42,7 +42,6 @@ def require(scope: str) -> Callable[..., Awaitable[Principal]]:
 
     async def caller(request: Request, service: ServiceDep, credentials: Credentials) -> Principal:
         client = f"client:{request.client.host if request.client else ''}"
-        _refuse_if_over(service.auth_failures.wait_s(client))
         principal = authenticate(service.db, credentials.credentials) if credentials else None
         if principal is None:
             if "authorization" in request.headers:
@@ -66,11 +65,13 @@ def require(scope: str) -> Callable[..., Awaitable[Principal]]:
 
 def _count_failure(service: Service, client: str,
                    credentials: HTTPAuthorizationCredentials | None) -> None:
-    """Spend a failed authentication of the client address and of the key id the token names.
+    """Spend a failed authentication of the client address and of the key id the token names;
+    over either limit the failure is a 429 instead of a 401.
 
-    The client's limit refuses all its requests (before any lookup) until it refills. A key
-    id's limit only turns its failures into 429: the id is public, so refusing the right
-    secret because others sent wrong ones would let anyone lock the key out.
+    Only failures are refused: a valid key is accepted from a client, and for a key id, over
+    its limit. Clients behind one NAT or untrusted proxy share an address, and key ids are
+    public, so refusing the right secret because others sent wrong ones would let anyone lock
+    a whole site, or a key, out. (Each refused failure still costs its key lookup.)
     """
     key_id = key_id_of(credentials.credentials) if credentials else None
     waits = [service.auth_failures.take(client)]

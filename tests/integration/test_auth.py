@@ -437,7 +437,9 @@ def test_failed_authentications__are_limited_per_client_and_per_key_id(
     limited = live.client.get("/sagas", headers={**_bearer(wrong), **attacker})
     assert "failed authentications" in _problem(limited, 429)["title"].lower()
     assert int(limited.headers["retry-after"]) >= 1
-    assert status(token, attacker) == 429  # the client is refused before any lookup
+    # a valid key from the same address still passes (clients behind one NAT share it)
+    assert status(token, attacker) == 200
+    assert status("lsk_0123456789abcdef_" + "W" * 43, attacker) == 429
     # from elsewhere, wrong secrets for the attacked key id are 429 too, but its holder is
     # never locked out (key ids are public) and other keys are judged on their own
     assert status(wrong, bystander) == 429
