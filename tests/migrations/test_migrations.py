@@ -275,7 +275,7 @@ def test_cli_db_upgrade__concurrent_processes(database_url: str, tmp_path: Path)
     assert schema_diff(database_url) == []
 
 
-def test_upgrade_0031__marks_the_oldest_unfinished_saga_of_each_partition_its_queue_head(
+def test_upgrade_0004__marks_the_oldest_unfinished_saga_of_each_partition_its_queue_head(
         database_url: str) -> None:
     migrate.upgrade(database_url, "0003")
     sagas = [  # id, partition day, status, minute created

@@ -8,7 +8,7 @@ and a claim reads only pending heads (ix_sagas_queue_head); a finishing head mar
 (ix_sagas_partition, now in FIFO order per status). Existing sagas are backfilled: the oldest
 pending/running/compensating/failed saga of each partition is its head.
 
-Revision ID: 0031
+Revision ID: 0004
 Revises: 0003
 Create Date: 2026-12-04 19:20:00.000000
 """
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = '0031'
+revision: str = '0004'
 down_revision: str | None = '0003'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
