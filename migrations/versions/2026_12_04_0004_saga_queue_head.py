@@ -50,5 +50,6 @@ def downgrade() -> None:
     op.drop_index('ix_sagas_partition', table_name='sagas')
     op.create_index('ix_sagas_partition', 'sagas', ['dataset', 'partition_date', 'status'],
                     unique=False)
-    with op.batch_alter_table('sagas', schema=None) as batch_op:
-        batch_op.drop_column('queue_head')
+    # Plain DROP COLUMN on both backends (SQLite >= 3.35), not a batch: copying the table and
+    # dropping the old one would cascade to saga_steps and saga_events.
+    op.execute('ALTER TABLE sagas DROP COLUMN queue_head')

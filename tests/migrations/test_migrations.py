@@ -275,7 +275,7 @@ def test_cli_db_upgrade__concurrent_processes(database_url: str, tmp_path: Path)
     assert schema_diff(database_url) == []
 
 
-def test_upgrade_0004__marks_the_oldest_unfinished_saga_of_each_partition_its_queue_head(
+def test_migration_0004__marks_queue_heads_and_downgrades_keeping_the_saga_log(
         database_url: str) -> None:
     migrate.upgrade(database_url, "0003")
     sagas = [  # id, partition day, status, minute created
@@ -298,3 +298,15 @@ def test_upgrade_0004__marks_the_oldest_unfinished_saga_of_each_partition_its_qu
     with connect(database_url) as conn:
         heads = dict(conn.execute(text("SELECT id, queue_head FROM sagas")).all())
     assert {saga_id for saga_id, head in heads.items() if head} == {"stuck", "alone", "active"}
+    with connect(database_url) as conn:
+        conn.execute(text("INSERT INTO saga_events (saga_id, seq, kind, epoch, payload, "
+                          "created_at) VALUES ('active', 1, 'created', 0, '{}', :at)"),
+                     {"at": "2026-01-01 10:05:00"})
+        conn.commit()
+
+    downgrade(database_url, "0003")  # keeps the saga log (a table copy would cascade)
+
+    with connect(database_url) as conn:
+        assert conn.execute(text("SELECT count(*) FROM sagas")).scalar() == len(sagas)
+        assert conn.execute(text("SELECT count(*) FROM saga_events")).scalar() == 1
+    assert current_revision(database_url) == "0003"
