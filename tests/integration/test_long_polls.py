@@ -18,7 +18,7 @@ import pytest
 from lakesaga_live import PARTITION, serve
 from sqlalchemy import event
 
-from app.auth import create_key
+from app.auth import Principal, create_key
 from app.lakehouse.generator import generate_clickstream
 from app.service import WAIT_POLL_S, Service
 from app.settings import Settings
@@ -103,7 +103,8 @@ def test_long_poll__woken_by_a_change_another_service_makes(
         started = time.monotonic()
         task = asyncio.create_task(waiting.saga_once_changed(saga_id, 10))
         await asyncio.sleep(0.3)
-        await asyncio.to_thread(other.cancel, saga_id)  # nothing tells `waiting`'s watch
+        admin = Principal(key_id="operator", name="operator", scopes=frozenset({"admin"}))
+        await asyncio.to_thread(other.cancel, saga_id, admin)  # nothing tells `waiting`'s watch
         saga = await task
         return saga, time.monotonic() - started
 
