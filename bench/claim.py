@@ -49,24 +49,13 @@ def _new(partition: date) -> Any:
                    request_fingerprint="", idempotency_key=None, steps=STEPS)
 
 
-def _saga_log(backend: str) -> str:
-    from app.db.migrate import upgrade
-
-    if backend == "postgres":
-        url = harness.recreate_pg_database("bench_claim")
-    else:
-        url = f"sqlite:///{harness.fresh_dir(harness.WORK / 'claim') / 'sagas.db'}"
-    upgrade(url)
-    return url
-
-
 def measure(backend: str, queued: int, rounds: int) -> dict[str, Any]:
     from sqlalchemy import text
 
     from app.db.session import Database
     from app.saga.step_log import StepLog
 
-    url = _saga_log(backend)
+    url = harness.migrated_saga_log(backend, "claim")
     db = Database(url)
     log = StepLog(db)
     try:

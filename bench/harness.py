@@ -265,6 +265,19 @@ def recreate_pg_database(name: str) -> str:
     return f"{base}/{name}"
 
 
+def migrated_saga_log(backend: str, name: str) -> str:
+    """A new, migrated saga log on ``backend`` (``postgres``: database ``bench_<name>``; else a
+    SQLite file under WORK/<name>); its URL."""
+    from app.db.migrate import upgrade
+
+    if backend == "postgres":
+        url = recreate_pg_database(f"bench_{name}")
+    else:
+        url = f"sqlite:///{fresh_dir(WORK / name) / 'sagas.db'}"
+    upgrade(url)
+    return url
+
+
 def drop_pg_database(name: str) -> None:
     import psycopg
     from psycopg import sql

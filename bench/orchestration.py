@@ -426,14 +426,7 @@ def summarize(engine: str, storage: str, procs: int, concurrency: int, n: int, e
 
 def saga_log(backend: str) -> str:
     """A new, migrated saga log for lakesaga's workers; its URL."""
-    from app.db.migrate import upgrade
-
-    if backend == "postgres":
-        url = harness.recreate_pg_database("bench_orchestration")
-    else:
-        url = f"sqlite:///{harness.fresh_dir(harness.WORK / 'orchestration') / 'sagas.db'}"
-    upgrade(url)
-    return url
+    return harness.migrated_saga_log(backend, "orchestration")
 
 
 def create_sagas(url: str, n: int) -> float:
