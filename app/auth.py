@@ -25,8 +25,8 @@ from typing import Any
 from sqlalchemy import bindparam, select, update
 
 from app.db.models import ApiKeyRow
+from app.db.rows import rowcount, utcnow
 from app.db.session import Database, run_on_driver
-from app.saga.step_log import rowcount, utcnow
 
 SCOPES = ("read", "write", "admin")
 _IMPLIED = {"read": {"read"}, "write": {"read", "write"}, "admin": {"read", "write", "admin"}}

@@ -24,13 +24,13 @@ from typing import Any
 from sqlalchemy import select
 
 from app.db.models import CatalogPartitionRow, OutboxRow, SagaEventRow, SagaRow, SagaStepRow
+from app.db.rows import utcnow
 from app.db.session import Database
 from app.lakehouse.duck import LAKE, Lake, first_row
 from app.lakehouse.pinned import sha256_file
 from app.lakehouse.pipeline import DatasetSpec
 from app.lakehouse.tables import bronze_table, gold_table, silver_table
 from app.saga.states import ALLOWED_SAGA_TRANSITIONS, SagaStatus
-from app.saga.step_log import utcnow
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,20 @@ from typing import Any
 from sqlalchemy import and_, bindparam, delete, func, or_, select
 from sqlalchemy.exc import IntegrityError
 
+from app.api.views import (
+    accepted_view,
+    consumer_view,
+    decode_cursor,
+    encode_cursor,
+    iso,
+    saga_query,
+    saga_summary,
+    step_view,
+)
 from app.auth import Principal, RateLimiter
 from app.db.migrate import upgrade
 from app.db.models import ConsumerRow, OutboxRow, SagaRow
+from app.db.rows import rowcount, utcnow
 from app.db.session import Database, run_on_driver
 from app.errors import Problem
 from app.faults import configure_faults
@@ -31,19 +42,9 @@ from app.notify.urls import UnsafeUrl, check_webhook_url, redact_url
 from app.saga.executor import Executor, ExecutorConfig
 from app.saga.retry import RetryPolicy
 from app.saga.states import FINISHED_SAGA_STATUSES, SagaStatus, StepStatus
-from app.saga.step_log import ActiveLimitReached, NewSaga, StepLog, rowcount, utcnow
+from app.saga.step_log import ActiveLimitReached, NewSaga, StepLog
 from app.saga.watch import SagaWatch, WaitLimitReached
 from app.settings import Settings
-from app.views import (
-    accepted_view,
-    consumer_view,
-    decode_cursor,
-    encode_cursor,
-    iso,
-    saga_query,
-    saga_summary,
-    step_view,
-)
 
 log = logging.getLogger("lakesaga.service")
 DEFINITION = "lakehouse_ingestion"

@@ -13,9 +13,10 @@ from typing import Any
 from sqlalchemy import delete, insert, select
 
 from app.db.models import CatalogPartitionRow
+from app.db.rows import utcnow
 from app.db.session import Database
 from app.faults import fault_point
-from app.saga.step_log import lock_owned, utcnow
+from app.saga.step_log import lock_owned
 
 _FIELDS = ("table_name", "saga_id", "rows", "snapshot_id", "lineage")
 

@@ -11,9 +11,10 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, select
 
 from app.db.models import ConsumerRow, OutboxRow
+from app.db.rows import utcnow
 from app.db.session import Database, run_on_driver
 from app.faults import fault_point
-from app.saga.step_log import lock_owned, utcnow
+from app.saga.step_log import lock_owned
 
 PARTITION_READY = "partition.ready"
 

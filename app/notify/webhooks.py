@@ -25,12 +25,12 @@ import httpx
 from sqlalchemy import select, update
 
 from app.db.models import ConsumerRow, OutboxRow
+from app.db.rows import utcnow
 from app.db.session import Database
 from app.faults import fault_point
 from app.notify.deadline import Deadline, attach_deadline, current_deadline_reason
 from app.notify.signing import sign
 from app.notify.urls import UnsafeUrl, WebhookTarget, resolve_webhook_target
-from app.saga.step_log import utcnow
 
 log = logging.getLogger("lakesaga.webhooks")
 MAX_RESPONSE_BYTES = 64 * 1024

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
+from app.db.rows import utcnow
 from app.faults import fault_point
 from app.saga.definition import Saga, StepContext, StepSpec
 from app.saga.errors import CancelRequested, LostOwnership, StepDeferred, UnknownDefinition
@@ -26,7 +27,7 @@ from app.saga.fencing import owner_check
 from app.saga.lease import Lease, LeaseKeeper
 from app.saga.retry import RetryPolicy
 from app.saga.states import STEP_STATUSES_TO_COMPENSATE, SagaStatus, StepStatus
-from app.saga.step_log import Claim, StepLog, StepStart, utcnow
+from app.saga.step_log import Claim, StepLog, StepStart
 
 log = logging.getLogger("lakesaga.executor")
 

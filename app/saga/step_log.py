@@ -14,14 +14,15 @@ import contextlib
 import functools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
-from datetime import UTC, date, datetime, timedelta
-from typing import Any, Concatenate, NamedTuple, ParamSpec, TypeVar, cast
+from datetime import date, datetime, timedelta
+from typing import Any, Concatenate, NamedTuple, ParamSpec, TypeVar
 
-from sqlalchemy import Connection, CursorResult, Result, select, update
+from sqlalchemy import Connection, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.db.models import SagaEventRow, SagaRow, SagaStepRow
+from app.db.rows import rowcount, utcnow
 from app.db.session import Database, run_on_driver
 from app.faults import fault_point
 from app.saga import statements as sql
@@ -34,16 +35,6 @@ from app.saga.states import (
     StepStatus,
     saga_sources_of,
 )
-
-
-def rowcount(result: Result[Any]) -> int:
-    """Rows matched by an UPDATE/DELETE (what every compare-and-set checks)."""
-    return int(cast("CursorResult[Any]", result).rowcount)
-
-
-def utcnow() -> datetime:
-    """Naive UTC: the log stores naive UTC timestamps on both backends."""
-    return datetime.now(UTC).replace(tzinfo=None)
 
 
 @dataclass(frozen=True)

@@ -201,7 +201,7 @@ def _idle_in_transaction(site: Site) -> str:
 
 
 def _db_now() -> Any:
-    from app.saga.step_log import utcnow
+    from app.db.rows import utcnow
 
     return utcnow()
 

@@ -21,12 +21,12 @@ from lakesaga_live import Live, WebhookReceiver
 from sqlalchemy import delete, func, select, update
 
 from app.db.models import CatalogPartitionRow, OutboxRow, SagaEventRow, SagaRow
+from app.db.rows import utcnow
 from app.db.session import Database
 from app.invariants import InvariantChecker, Report
 from app.lakehouse.duck import Lake
 from app.lakehouse.generator import GeneratedDataset
 from app.lakehouse.pipeline import load_datasets
-from app.saga.step_log import utcnow
 
 GOOD_DAY, BAD_DAY = "2026-01-06", "2026-01-07"
 

@@ -39,10 +39,10 @@ from sqlalchemy import update
 
 from app.db.base import Base
 from app.db.models import ConsumerRow, OutboxRow, SagaRow
+from app.db.rows import utcnow
 from app.db.session import Database
 from app.notify.urls import WebhookTarget
 from app.notify.webhooks import MAX_RETRY_AFTER_S, Dispatcher, _retry_after_s, pinned_request
-from app.saga.step_log import utcnow
 
 SECRET = "whsec-test-" + "k" * 24
 PUBLIC_V4 = "93.184.215.14"

@@ -12,9 +12,10 @@ from typing import Any
 
 from sqlalchemy import text
 
+from app.db.rows import utcnow
 from app.db.session import Database
 from app.saga import statements as sql
-from app.saga.step_log import NewSaga, StepLog, utcnow
+from app.saga.step_log import NewSaga, StepLog
 
 BUSY, IDLE = date(2026, 1, 6), date(2026, 1, 7)
 QUEUED = 1000

@@ -22,6 +22,7 @@ import pytest
 from sqlalchemy import text, update
 
 from app.db.models import SagaRow
+from app.db.rows import utcnow
 from app.db.session import Database
 from app.saga.definition import Saga, StepContext, action, compensate
 from app.saga.errors import (
@@ -39,7 +40,7 @@ from app.saga.states import (
     SagaStatus,
     StepStatus,
 )
-from app.saga.step_log import NewSaga, StepLog, StepStart, utcnow
+from app.saga.step_log import NewSaga, StepLog, StepStart
 
 pytestmark = pytest.mark.timeout(60)
 
