@@ -55,9 +55,10 @@ def pinned_request(client: httpx.Client, target: WebhookTarget, address: str | N
 
 class Dispatcher:
     """Delivers due outbox rows from a pool of ``concurrency`` threads, with at most one
-    delivery in flight per consumer (so one consumer's rows go out in order, and its backoff
-    holds) and each attempt bounded by ``deadline_s`` of wall-clock time: a slow consumer costs
-    one thread for at most that long and never delays the others."""
+    delivery in flight per consumer in this process (a consumer gets one request at a time;
+    its rows are not ordered: a failed one waits for its backoff while later ones go) and each
+    attempt bounded by ``deadline_s`` of wall-clock time: a slow consumer costs one thread for
+    at most that long and never delays the others."""
 
     def __init__(self, db: Database, *, allow_hosts: list[str], timeout_s: float,
                  max_attempts: int, poll_interval_s: float = 0.5,
